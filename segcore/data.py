@@ -1,0 +1,358 @@
+"""Data sets: the folder loader, label palettes, seeded splits, and the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from segcore.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+# Colours for masks and pictures when a data set brings no labels.json (label 0 is black).
+DEFAULT_PALETTE = [
+    (0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+    (0, 255, 255), (255, 128, 0), (128, 0, 255), (0, 128, 128), (128, 128, 0), (128, 0, 0),
+]  # fmt: skip
+
+
+@dataclass
+class Dataset:
+    """Images (H, W, C) float32 z-scored per image and channel, masks (H, W) int64 or None."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray] | None
+    names: list[str]
+    classes: list[str]
+    palette: list[tuple[int, int, int]]
+
+    @property
+    def channels(self) -> int:
+        return self.images[0].shape[2]
+
+    def subset(self, indices: list[int]) -> Dataset:
+        masks = None if self.masks is None else [self.masks[i] for i in indices]
+        return Dataset(
+            [self.images[i] for i in indices],
+            masks,
+            [self.names[i] for i in indices],
+            self.classes,
+            self.palette,
+        )
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel of an (H, W, C) image, so intensity scale never matters."""
+    image = image.astype(np.float32)
+    mean = image.mean(axis=(0, 1), keepdims=True)
+    std = image.std(axis=(0, 1), keepdims=True)
+    return (image - mean) / np.maximum(std, 1e-6)
+
+
+def read_array(path: Path) -> np.ndarray:
+    """Read a PNG, TIFF or NPY file into a numpy array, naming the file if it is unreadable."""
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
+        with Image.open(path) as im:
+            if im.mode == "P":  # palette PNGs store label indices: keep them
+                return np.array(im)
+            return np.array(im.convert("RGB") if im.mode in ("RGBA", "LA", "CMYK") else im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read as an image ({type(e).__name__})") from None
+
+
+def image_channels(array: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W[, C]) array -> (H, W, C); RGB with three equal channels becomes one channel."""
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[:, :, :3]
+        if array.shape[2] == 3 and (array == array[:, :, :1]).all():
+            return array[:, :, :1]
+        return array
+    raise UserError(f"{path}: image must be (H, W) or (H, W, 1|3|4), got shape {array.shape}")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name; other files are errors, hidden files skipped."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found")
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(f"{p}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+        files.append(p)
+    if not files:
+        raise UserError(f"{folder}: no images found")
+    return files
+
+
+def _trailing_number(stem: str) -> str | None:
+    match = re.search(r"(\d+)$", stem)
+    return str(int(match.group(1))) if match else None
+
+
+def pair_files(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path]]:
+    """Pair each image with the mask of the same stem, else the one ending in the same number."""
+    by_stem = {m.stem: m for m in masks}
+    by_number: dict[str, list[Path]] = {}
+    for m in masks:
+        number = _trailing_number(m.stem)
+        if number is not None:
+            by_number.setdefault(number, []).append(m)
+    pairs, used = [], set()
+    for image in images:
+        mask = by_stem.get(image.stem)
+        if mask is None:
+            number = _trailing_number(image.stem)
+            candidates = by_number.get(number, []) if number is not None else []
+            if len(candidates) > 1:
+                names = ", ".join(c.name for c in candidates)
+                raise UserError(f"{image}: several masks end in the same number ({names})")
+            mask = candidates[0] if candidates else None
+        if mask is None:
+            raise UserError(f"{image}: no mask with the same name or trailing number")
+        if mask in used:
+            raise UserError(f"{mask}: paired with more than one image")
+        used.add(mask)
+        pairs.append((image, mask))
+    for m in masks:
+        if m not in used:
+            raise UserError(f"{m}: no image pairs with this mask")
+    return pairs
+
+
+def read_labels(path: Path) -> tuple[list[str], list[tuple[int, int, int]]] | None:
+    """Parse labels.json: {"classes": [...], "colors": [[r, g, b], ...]} (colors optional)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if not (
+        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+    ):
+        raise UserError(f"{path}: 'classes' must be a list of at least two names")
+    colors = data.get("colors")
+    if colors is None:
+        return classes, _default_palette(len(classes))
+    ok = isinstance(colors, list) and len(colors) == len(classes)
+    ok = ok and all(
+        isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+        for c in colors
+    )
+    if not ok:
+        raise UserError(f"{path}: 'colors' must hold one [r, g, b] (0-255) per class")
+    palette = [tuple(c) for c in colors]
+    if len(set(palette)) != len(palette):
+        raise UserError(f"{path}: 'colors' must be distinct")
+    return classes, palette
+
+
+def _default_palette(n: int) -> list[tuple[int, int, int]]:
+    rng = np.random.RandomState(0)
+    extra = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(max(0, n - 12))]
+    return (DEFAULT_PALETTE + extra)[:n]
+
+
+def _encode_colours(mask: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 colours -> (H, W) int64 codes r*65536 + g*256 + b."""
+    m = mask.astype(np.int64)
+    return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
+
+
+def load_folder(root: str | Path) -> Dataset:
+    """Load DIR/images + DIR/masks (+ optional DIR/labels.json), validating every file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: data folder not found")
+    pairs = pair_files(list_images(root / "images"), list_images(root / "masks"))
+    labels = read_labels(root / "labels.json")
+    images, raw_masks, channels = [], [], None
+    for image_path, mask_path in pairs:
+        image = image_channels(read_array(image_path), image_path)
+        if channels is not None and image.shape[2] != channels:
+            raise UserError(f"{image_path}: has {image.shape[2]} channels, others have {channels}")
+        channels = image.shape[2]
+        mask = read_array(mask_path)
+        if mask.ndim == 3 and mask.shape[2] == 1:
+            mask = mask[:, :, 0]
+        if mask.ndim == 3 and mask.shape[2] == 4:
+            mask = mask[:, :, :3]
+        if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] != 3):
+            raise UserError(f"{mask_path}: mask must be (H, W) labels or (H, W, 3) colours")
+        if mask.shape[:2] != image.shape[:2]:
+            raise UserError(
+                f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+                f"{image_path.name} ({image.shape[1]}x{image.shape[0]})"
+            )
+        images.append(normalize(image))
+        raw_masks.append((mask_path, mask))
+    masks, classes, palette = _decode_masks(raw_masks, labels, root / "labels.json")
+    names = [p[0].stem for p in pairs]
+    return Dataset(images, masks, names, classes, palette)
+
+
+def _decode_masks(raw, labels, labels_path: Path):
+    """Turn grey or colour masks into label maps; classes and palette from labels.json or data."""
+    kinds = {m.ndim for _, m in raw}
+    if len(kinds) > 1:
+        raise UserError(f"{raw[0][0].parent}: masks mix grey labels and RGB colours")
+    if kinds == {2}:
+        masks = []
+        for path, m in raw:
+            if not np.issubdtype(m.dtype, np.integer) or m.min() < 0:
+                raise UserError(f"{path}: grey mask values must be non-negative integers")
+            masks.append(m.astype(np.int64))
+        top = max(int(m.max()) for m in masks)
+        if labels is None:
+            n = max(top + 1, 2)
+            return masks, [f"class_{i}" for i in range(n)], _default_palette(n)
+        classes, palette = labels
+        for (path, _), m in zip(raw, masks):
+            if m.max() >= len(classes):
+                raise UserError(
+                    f"{path}: label {int(m.max())} has no class in {labels_path} "
+                    f"({len(classes)} classes)"
+                )
+        return masks, classes, palette
+    codes = [(path, _encode_colours(m)) for path, m in raw]
+    if labels is None:
+        found = sorted(set().union(*(np.unique(c).tolist() for _, c in codes)) - {0})
+        colours = [(0, 0, 0)] + [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in found]
+        classes = [f"class_{i}" for i in range(len(colours))]
+        mapping = ", ".join(f"{i}={c}" for i, c in enumerate(colours))
+        print(f"note: {raw[0][0].parent} has RGB masks and no labels.json; labels: {mapping}")
+        palette = colours
+    else:
+        classes, palette = labels
+    lut = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(palette)}
+    keys = np.array(sorted(lut), dtype=np.int64)
+    values = np.array([lut[k] for k in keys], dtype=np.int64)
+    masks = []
+    for path, c in codes:
+        idx = np.clip(np.searchsorted(keys, c), 0, len(keys) - 1)
+        bad = keys[idx] != c
+        if bad.any():
+            y, x = np.argwhere(bad)[0]
+            colour = tuple(int(v) for v in raw[[p for p, _ in raw].index(path)][1][y, x])
+            raise UserError(f"{path}: colour {colour} at ({x}, {y}) is not a class colour")
+        masks.append(values[idx])
+    return masks, classes, palette
+
+
+def load_images(folder: str | Path) -> Dataset:
+    """Load images for prediction: a data folder (with masks if present) or a folder of images."""
+    folder = Path(folder)
+    if (folder / "images").is_dir():
+        if (folder / "masks").is_dir():
+            return load_folder(folder)
+        folder = folder / "images"
+    paths = list_images(folder)
+    images = [normalize(image_channels(read_array(p), p)) for p in paths]
+    return Dataset(images, None, [p.stem for p in paths], [], [])
+
+
+def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8 colours."""
+    return np.asarray(palette, dtype=np.uint8)[mask]
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split by whole image: (train indices, validation indices), both non-empty."""
+    if n < 2:
+        raise UserError(f"data set has {n} image(s); need at least 2 to hold some out")
+    order = np.random.RandomState(seed).permutation(n)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+# --- synthetic data of the same kind as the shapes set -------------------------------------------
+
+SYNTHETIC_CLASSES = ["background", "line", "ellipse"]
+SYNTHETIC_PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+
+
+def ellipse_mask(yy, xx, cy: float, cx: float, a: float, b: float, theta: float) -> np.ndarray:
+    """Pixels of the grid (yy, xx) inside an ellipse; clipped at the edges, never wrapped."""
+    dy, dx = yy - cy, xx - cx
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1
+
+
+def synthetic_pair(rng: np.random.RandomState, height: int = 400, width: int = 200):
+    """One grey image (H, W) uint8 and its labels (H, W) int64: ellipses, then lines over them.
+
+    Fixes two bugs of the reference generator: the line count is drawn on its own (it reused the
+    ellipse count), and ellipses are clipped at the image edge (they wrapped around it).
+    """
+    mean = rng.uniform(180, 225)
+    noise = rng.normal(mean, 22, size=(height, width))
+    bad = (noise < 153) | (noise > 254)
+    while bad.any():  # truncated Gaussian: redraw out-of-range pixels
+        noise[bad] = rng.normal(mean, 22, size=int(bad.sum()))
+        bad = (noise < 153) | (noise > 254)
+    image, labels = noise, np.zeros((height, width), np.int64)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    for _ in range(rng.randint(3, 13)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        a, b, theta = rng.uniform(4, 25), rng.uniform(4, 16), rng.uniform(0, np.pi)
+        inside = ellipse_mask(yy, xx, cy, cx, a, b, theta)
+        image[inside], labels[inside] = rng.randint(0, 180), 2
+    for _ in range(rng.randint(2, 11)):
+        y0, x0 = rng.uniform(0, height), rng.uniform(0, width)
+        length, angle = rng.uniform(15, 220), rng.uniform(0, np.pi)
+        y1, x1 = y0 + length * np.sin(angle), x0 + length * np.cos(angle)
+        half = rng.uniform(0.7, 2.5)
+        # distance from each pixel to the segment
+        t = ((yy - y0) * (y1 - y0) + (xx - x0) * (x1 - x0)) / (length**2)
+        t = np.clip(t, 0, 1)
+        dist = np.hypot(yy - (y0 + t * (y1 - y0)), xx - (x0 + t * (x1 - x0)))
+        on = dist <= half
+        image[on], labels[on] = rng.randint(0, 140), 1
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), labels
+
+
+def synthetic_arrays(n: int, seed: int, height: int = 400, width: int = 200):
+    """n (image uint8 (H, W), labels (H, W)) pairs, fully determined by seed."""
+    rng = np.random.RandomState(seed)
+    return [synthetic_pair(rng, height, width) for _ in range(n)]
+
+
+def synthetic_dataset(n: int = 100, seed: int = 0, height: int = 400, width: int = 200) -> Dataset:
+    """The default data set when no --data is given: generated in memory from a fixed seed."""
+    pairs = synthetic_arrays(n, seed, height, width)
+    images = [normalize(img[:, :, None]) for img, _ in pairs]
+    names = [f"Img_{i}" for i in range(n)]
+    return Dataset(images, [m for _, m in pairs], names, SYNTHETIC_CLASSES, list(SYNTHETIC_PALETTE))
+
+
+def write_synthetic(
+    out: str | Path, n: int, seed: int, height: int = 400, width: int = 200
+) -> None:
+    """Write a synthetic data set in the folder format: RGB PNGs, colour masks, labels.json."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: folder exists and is not empty")
+    pairs = synthetic_arrays(n, seed, height, width)
+    tmp = out.with_name(out.name + ".partial")
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    (tmp / "masks").mkdir(exist_ok=True)
+    for i, (img, labels) in enumerate(pairs):
+        Image.fromarray(np.repeat(img[:, :, None], 3, axis=2)).save(tmp / "images" / f"Img_{i}.png")
+        Image.fromarray(colorize(labels, SYNTHETIC_PALETTE)).save(tmp / "masks" / f"Mask_{i}.png")
+    labels_json = {"classes": SYNTHETIC_CLASSES, "colors": [list(c) for c in SYNTHETIC_PALETTE]}
+    (tmp / "labels.json").write_text(json.dumps(labels_json, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)

@@ -1,0 +1,85 @@
+"""Atomic file writes and the model file (weights plus everything needed to use them)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from segcore.config import TrialConfig
+from segcore.errors import UserError
+from segcore.model import build_model
+
+MODEL_FORMAT = "train_optuna.model/1"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_model(
+    path: str | Path,
+    state: dict[str, torch.Tensor],
+    cfg: TrialConfig,
+    *,
+    in_channels: int,
+    classes: list[str],
+    palette: list[tuple[int, int, int]],
+    extra: dict | None = None,
+) -> None:
+    """Write a model file that loads with weights_only=True: tensors and plain values only."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "config": cfg.to_dict(),
+        "in_channels": in_channels,
+        "classes": list(classes),
+        "palette": [list(c) for c in palette],
+        "extra": extra or {},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, payload dict) from a model file; refuses pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0][:120]
+        raise UserError(
+            f"{path}: not a safe model file (weights_only load refused: {reason})"
+        ) from None
+    except Exception as e:  # zip/pickle corruption surfaces as many types
+        raise UserError(f"{path}: not a model file ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path}: not a train_optuna model file")
+    cfg = TrialConfig.from_dict(payload["config"], str(path))
+    model = build_model(
+        cfg.arch, payload["in_channels"], len(payload["classes"]), cfg.depth, cfg.base_width,
+        cfg.max_width,
+    )  # fmt: skip
+    model.load_state_dict(payload["state_dict"])
+    payload["config"] = cfg
+    payload["palette"] = [tuple(c) for c in payload["palette"]]
+    return model.to(device).eval(), payload

@@ -1,0 +1,122 @@
+"""Stitched (sliding-window) inference of whole images of any size, and full-image scoring."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcore.metrics import confusion_matrix, iou_per_class, mean_iou
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Evenly spaced tile offsets covering [0, length): neighbours overlap by at least `overlap`."""
+    if length <= tile:
+        return [0]
+    step = tile * (1 - overlap)
+    count = math.ceil((length - tile) / max(step, 1)) + 1
+    spacing = (length - tile) / (count - 1)
+    return [round(i * spacing) for i in range(count)]
+
+
+def gaussian_weights(tile: int, sigma_scale: float = 0.125) -> torch.Tensor:
+    """(tile, tile) weights peaking at the centre (sigma = tile / 8), never zero at the border."""
+    x = torch.arange(tile, dtype=torch.float32) - (tile - 1) / 2
+    g = torch.exp(-0.5 * (x / (tile * sigma_scale)) ** 2)
+    w = g[:, None] * g[None, :]
+    w = w / w.max()
+    return w.clamp_min(w[w > 0].min().item())
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU, where bf16 is slower for these convolutions."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int,
+    overlap: float = 0.5,
+    gaussian: bool = False,
+    tta: bool = False,
+    batch: int = 64,
+) -> torch.Tensor:
+    """Softmax probabilities (K, H, W) float32 of one (H, W, C) image, stitched from tiles.
+
+    All tiles of the image go through the model in batches of `batch`; overlapping
+    probabilities are averaged (constant or Gaussian weights); flip TTA averages 4 views.
+    Images smaller than a tile are zero-padded (zero is the mean after z-scoring).
+    """
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+    h, w = x.shape[1:]
+    pad_h, pad_w = max(0, tile - h), max(0, tile - w)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    H, W = x.shape[1:]
+    boxes = [(y, x0) for y in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
+    weight = (
+        gaussian_weights(tile).to(device) if gaussian else torch.ones(tile, tile, device=device)
+    )
+    out, norm = None, torch.zeros(H, W, device=device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i : i + batch]
+        tiles = torch.stack([x[:, y : y + tile, x0 : x0 + tile] for y, x0 in chunk])
+        tiles = tiles.contiguous(memory_format=memory_format)
+        probs = _tile_probs(model, tiles, tta, device)
+        if out is None:
+            out = torch.zeros(probs.shape[1], H, W, device=device)
+        for (y, x0), p in zip(chunk, probs):
+            out[:, y : y + tile, x0 : x0 + tile] += p * weight
+            norm[y : y + tile, x0 : x0 + tile] += weight
+    return (out / norm)[:, :h, :w]
+
+
+def _tile_probs(model, tiles: torch.Tensor, tta: bool, device: torch.device) -> torch.Tensor:
+    """Softmax of a batch of tiles (float32), averaged over flips when tta is on."""
+    flips = [(), (2,), (3,), (2, 3)] if tta else [()]
+    total = None
+    with autocast_for(device):
+        for dims in flips:
+            view = tiles.flip(dims) if dims else tiles
+            p = torch.softmax(model(view).float(), dim=1)
+            p = p.flip(dims) if dims else p
+            total = p if total is None else total + p
+    return total / len(flips)
+
+
+def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False) -> dict:
+    """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set."""
+    from tqdm import tqdm
+
+    k = len(dataset.classes)
+    cm = np.zeros((k, k), np.int64)
+    model.eval()
+    pairs = zip(dataset.images, dataset.masks)
+    for image, mask in tqdm(pairs, total=len(dataset.images), disable=not progress, desc="score"):
+        probs = predict_probs(
+            model,
+            image,
+            tile=cfg.tile,
+            overlap=cfg.tile_overlap,
+            gaussian=cfg.gaussian,
+            tta=cfg.tta,
+        )
+        cm += confusion_matrix(probs.argmax(0), torch.from_numpy(mask), k)
+    iou = iou_per_class(cm)
+    return {
+        "miou": mean_iou(cm),
+        "per_class": {
+            name: (None if np.isnan(v) else float(v)) for name, v in zip(dataset.classes, iou)
+        },
+        "images": len(dataset.images),
+    }

@@ -1,0 +1,30 @@
+"""Confusion matrix, per-class IoU and mIoU, accumulated over every pixel of a set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(pred, truth, num_classes: int) -> np.ndarray:
+    """(K, K) int64 counts, rows = truth, columns = prediction, of two label arrays of one shape."""
+    pred = torch.as_tensor(pred).reshape(-1).long()
+    truth = torch.as_tensor(truth).reshape(-1).long()
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction has {pred.numel()} pixels, truth {truth.numel()}")
+    counts = torch.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).cpu().numpy()
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """IoU of each class; NaN for a class absent from both truth and prediction."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(axis=0) + cm.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes present in truth or prediction (Keras MeanIoU semantics)."""
+    iou = iou_per_class(cm)
+    return float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan")

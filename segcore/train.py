@@ -1,0 +1,169 @@
+"""The training loop: random patches -> U-Net -> loss, patch mIoU after every epoch.
+
+It knows nothing of optuna: the search adapts it through the on_epoch callback, which may
+raise (for example to prune) and so stop training.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from segcore.config import TrialConfig
+from segcore.data import Dataset
+from segcore.errors import DivergedError
+from segcore.infer import autocast_for
+from segcore.metrics import confusion_matrix, mean_iou
+from segcore.model import build_model
+from segcore.patches import train_batches, validation_patches
+
+
+@dataclass
+class TrainResult:
+    """The best epoch's weights (on the CPU) and the per-epoch history."""
+
+    state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_patch_miou: float
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's random, numpy and torch (batchgenerators draws from the first two)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at a step (0-based) of `total` steps."""
+    if schedule == "step":  # the reference recipe: a tenth of the rate for the second half
+        return 1.0 if step < total // 2 else 0.1
+    if schedule == "poly":  # nnU-Net's decay
+        return (1 - step / total) ** 0.9
+    return 1.0
+
+
+def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Cross-entropy, plus soft Dice over all classes and the whole batch for "ce+dice"."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target)
+    if kind == "ce+dice":
+        probs = logits.softmax(1)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        inter = (probs * onehot).sum((0, 2, 3))
+        denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        loss = loss + 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    return loss
+
+
+@torch.no_grad()
+def patch_miou(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch: int = 64) -> float:
+    """mIoU over all pixels of a fixed patch set (x (N, C, P, P), y (N, P, P))."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    with autocast_for(device):
+        for i in range(0, len(x), batch):
+            xb = x[i : i + batch].to(device, non_blocking=True)
+            pred = model(_memory_format(xb, device)).argmax(1)
+            cm += confusion_matrix(pred, y[i : i + batch].to(device), num_classes)
+    model.train(was_training)
+    return mean_iou(cm)
+
+
+def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels_last lets cuDNN pick its fastest kernels; on the CPU it only costs copies
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def train(
+    cfg: TrialConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    *,
+    on_epoch: Callable[[int, float], None] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one configuration; returns the weights of the epoch with the best patch mIoU."""
+    seed_everything(cfg.seed)
+    dev = pick_device(device)
+    k = len(train_set.classes)
+    model = build_model(cfg.arch, train_set.channels, k, cfg.depth, cfg.base_width, cfg.max_width)
+    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else None)
+    optimizer = make_optimizer(cfg, model.parameters())
+    total = cfg.epochs * cfg.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg.schedule, s, total)
+    )
+    vx, vy = validation_patches(
+        val_set.images, val_set.masks, patch_size=cfg.patch_size,
+        per_image=cfg.val_patches_per_image, seed=cfg.seed,
+    )  # fmt: skip
+    vx, vy = torch.from_numpy(vx), torch.from_numpy(vy)
+    if dev.type == "cuda":
+        vx, vy = vx.pin_memory(), vy.pin_memory()
+    stream = train_batches(
+        train_set.images, train_set.masks, patch_size=cfg.patch_size,
+        batch_size=cfg.batch_size, aug_strength=cfg.aug_strength, fg_fraction=cfg.fg_fraction,
+        seed=cfg.seed, processes=cfg.aug_processes, pin_memory=dev.type == "cuda",
+    )  # fmt: skip
+    result = TrainResult({}, -1, float("-inf"))
+    bar = tqdm(total=total, disable=not progress, desc="train", unit="step", leave=False)
+    try:
+        model.train()
+        for epoch in range(cfg.epochs):
+            started, losses = time.perf_counter(), []
+            for step in range(cfg.steps_per_epoch):
+                x, y = next(stream)
+                x = _memory_format(x.to(dev, non_blocking=True), dev)
+                y = y.to(dev, non_blocking=True)
+                with autocast_for(dev):
+                    loss = seg_loss(model(x), y, cfg.loss)
+                if not torch.isfinite(loss):
+                    raise DivergedError(
+                        f"loss became {loss.item()} at epoch {epoch} step {step} "
+                        f"(lr {scheduler.get_last_lr()[0]:.3g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                bar.update()
+            miou = patch_miou(model, vx, vy, k)
+            result.history.append({
+                "epoch": epoch, "loss": float(np.mean(losses)), "patch_miou": miou,
+                "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
+            })  # fmt: skip
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", patch_miou=f"{miou:.4f}")
+            if miou > result.best_patch_miou:
+                result.best_epoch, result.best_patch_miou = epoch, miou
+                result.state_dict = {
+                    n: t.detach().cpu().clone() for n, t in model.state_dict().items()
+                }
+            if on_epoch is not None:
+                on_epoch(epoch, miou)
+    finally:
+        bar.close()
+        stream.close()
+    return result

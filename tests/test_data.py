@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segcore.data import (
+    colorize,
+    ellipse_mask,
+    load_folder,
+    load_images,
+    split,
+    synthetic_arrays,
+    write_synthetic,
+)
+from segcore.errors import UserError
+
+PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+
+
+def make_folder(root, n=3, size=(16, 24), rgb_masks=True, labels=True, image_name="Img_{}.png",
+                mask_name="Mask_{}.png"):  # fmt: skip
+    rng = np.random.RandomState(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    masks = []
+    for i in range(n):
+        img = rng.randint(0, 255, size + (3,), dtype=np.uint8)
+        m = rng.randint(0, 3, size)
+        masks.append(m)
+        Image.fromarray(img).save(root / "images" / image_name.format(i))
+        out = colorize(m, PALETTE) if rgb_masks else m.astype(np.uint8)
+        Image.fromarray(out).save(root / "masks" / mask_name.format(i))
+    if labels:
+        data = {"classes": ["bg", "line", "ellipse"], "colors": [list(c) for c in PALETTE]}
+        (root / "labels.json").write_text(json.dumps(data))
+    return masks
+
+
+def test_rgb_palette_round_trip(tmp_path):
+    masks = make_folder(tmp_path)
+    ds = load_folder(tmp_path)
+    assert ds.classes == ["bg", "line", "ellipse"] and ds.palette == PALETTE
+    assert ds.names == ["Img_0", "Img_1", "Img_2"]
+    for got, want in zip(ds.masks, masks):
+        assert np.array_equal(got, want)
+    assert ds.images[0].shape == (16, 24, 3) and ds.images[0].dtype == np.float32
+    assert abs(float(ds.images[0].mean())) < 1e-4  # z-scored
+
+
+def test_grey_masks_without_labels_json(tmp_path):
+    masks = make_folder(tmp_path, rgb_masks=False, labels=False)
+    ds = load_folder(tmp_path)
+    assert ds.classes == ["class_0", "class_1", "class_2"]
+    assert all(np.array_equal(a, b) for a, b in zip(ds.masks, masks))
+
+
+def test_rgb_masks_without_labels_json_sorted_colours(tmp_path, capsys):
+    make_folder(tmp_path, labels=False)
+    ds = load_folder(tmp_path)
+    # black first, then the other colours sorted: (0, 255, 0) < (255, 0, 0)
+    assert ds.palette == [(0, 0, 0), (0, 255, 0), (255, 0, 0)]
+    assert "labels:" in capsys.readouterr().out
+
+
+def test_pairing_by_stem_and_by_trailing_number(tmp_path):
+    make_folder(tmp_path / "a", image_name="x{}.png", mask_name="x{}.png")
+    assert load_folder(tmp_path / "a").names == ["x0", "x1", "x2"]
+    make_folder(tmp_path / "b", image_name="Img_{}.png", mask_name="label-00{}.png")
+    assert len(load_folder(tmp_path / "b").images) == 3
+
+
+def test_grey_rgb_image_becomes_one_channel_and_sizes_may_differ(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i, size in enumerate([(10, 12), (30, 20)]):
+        grey = np.random.RandomState(i).randint(0, 255, size, dtype=np.uint8)
+        Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "images" / f"a{i}.png")
+        Image.fromarray(np.zeros(size, np.uint8)).save(tmp_path / "masks" / f"a{i}.tif")
+    np.save(tmp_path / "images" / "a2.npy", np.ones((8, 8), np.float32) * np.arange(8))
+    np.save(tmp_path / "masks" / "a2.npy", np.ones((8, 8), np.int64))
+    ds = load_folder(tmp_path)
+    assert [im.shape for im in ds.images] == [(10, 12, 1), (30, 20, 1), (8, 8, 1)]
+    assert ds.classes == ["class_0", "class_1"]
+
+
+def _break(root, how):
+    if how == "missing folder":
+        return root / "nope", "data folder not found"
+    make_folder(root)
+    if how == "no masks folder":
+        for p in (root / "masks").iterdir():
+            p.unlink()
+        (root / "masks").rmdir()
+        return root, "masks: folder not found"
+    if how == "empty images":
+        for p in (root / "images").iterdir():
+            p.unlink()
+        return root, "no images found"
+    if how == "image without mask":
+        (root / "masks" / "Mask_2.png").unlink()
+        return root, "Img_2.png: no mask"
+    if how == "mask without image":
+        (root / "images" / "Img_2.png").unlink()
+        return root, "Mask_2.png: no image pairs"
+    if how == "ambiguous number":
+        Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(root / "masks" / "Other_1.png")
+        return root, "several masks end in the same number"
+    if how == "size mismatch":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "masks" / "Mask_1.png")
+        return root, "Mask_1.png: size 8x8 differs"
+    if how == "unknown colour":
+        Image.fromarray(np.full((16, 24, 3), 7, np.uint8)).save(root / "masks" / "Mask_0.png")
+        return root, r"Mask_0.png: colour \(7, 7, 7\) at \(0, 0\) is not a class colour"
+    if how == "corrupt png":
+        (root / "images" / "Img_1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        return root, "Img_1.png: cannot read as an image"
+    if how == "non-image file":
+        (root / "images" / "notes.txt").write_text("hello")
+        return root, "notes.txt: not an image file"
+    if how == "bad labels json":
+        (root / "labels.json").write_text("{nope")
+        return root, "labels.json: not valid JSON"
+    if how == "labels json too few colours":
+        (root / "labels.json").write_text(
+            json.dumps({"classes": ["a", "b"], "colors": [[0, 0, 0]]})
+        )
+        return root, "'colors' must hold one"
+    if how == "grey label beyond classes":
+        for p in (root / "masks").iterdir():
+            Image.fromarray(np.full((16, 24), 5, np.uint8)).save(p)
+        return root, "label 5 has no class"
+    if how == "mixed masks":
+        Image.fromarray(np.zeros((16, 24), np.uint8)).save(root / "masks" / "Mask_0.png")
+        return root, "masks mix grey labels and RGB colours"
+    if how == "mixed channels":
+        Image.fromarray(np.zeros((16, 24), np.uint8)).save(root / "images" / "Img_0.png")
+        Image.fromarray(np.random.RandomState(0).randint(0, 9, (16, 24, 3), dtype=np.uint8)).save(
+            root / "images" / "Img_1.png"
+        )
+        return root, "channels, others have"
+    raise AssertionError(how)
+
+
+CASES = [
+    "missing folder", "no masks folder", "empty images", "image without mask",
+    "mask without image", "ambiguous number", "size mismatch", "unknown colour", "corrupt png",
+    "non-image file", "bad labels json", "labels json too few colours",
+    "grey label beyond classes", "mixed masks", "mixed channels",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", CASES)
+def test_loader_errors_name_the_file(tmp_path, how):
+    root, message = _break(tmp_path / "d", how)
+    with pytest.raises(UserError, match=message):
+        load_folder(root)
+
+
+def test_load_images_plain_folder(tmp_path):
+    make_folder(tmp_path / "d")
+    ds = load_images(tmp_path / "d" / "images")
+    assert ds.masks is None and len(ds.images) == 3
+    assert load_images(tmp_path / "d").masks is not None
+
+
+def test_split_by_whole_image_is_seeded():
+    tr, va = split(10, 0.2, seed=3)
+    assert len(va) == 2 and sorted(tr + va) == list(range(10)) and not set(tr) & set(va)
+    assert split(10, 0.2, seed=3) == (tr, va) and split(10, 0.2, seed=4) != (tr, va)
+    with pytest.raises(UserError, match="at least 2"):
+        split(1, 0.2, 0)
+
+
+def test_synthetic_is_seeded_and_shaped_like_shapes():
+    a = synthetic_arrays(4, seed=5)
+    b = synthetic_arrays(4, seed=5)
+    c = synthetic_arrays(4, seed=6)
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not np.array_equal(a[0][0], c[0][0])
+    image, labels = a[0]
+    assert image.shape == (400, 200) and image.dtype == np.uint8
+    labels_all = np.concatenate([m.ravel() for _, m in synthetic_arrays(20, seed=0)])
+    share = np.bincount(labels_all, minlength=3) / labels_all.size
+    assert 0.005 < share[1] < 0.05 and 0.01 < share[2] < 0.1  # thin lines, some ellipses
+    background = image[labels == 0]
+    assert background.min() >= 153 and background.max() <= 254  # truncated Gaussian
+
+
+def test_synthetic_ellipses_are_clipped_not_wrapped():
+    yy, xx = np.mgrid[0:50, 0:40].astype(float)
+    inside = ellipse_mask(yy, xx, cy=25, cx=1, a=10, b=5, theta=0)
+    assert inside[25, 0] and inside[25, 11]
+    assert not inside[:, 20:].any()  # the reference wrapped this ellipse to the right edge
+
+
+def test_write_synthetic_then_load(tmp_path):
+    write_synthetic(tmp_path / "syn", 3, seed=2)
+    ds = load_folder(tmp_path / "syn")
+    assert ds.classes == ["background", "line", "ellipse"] and len(ds.images) == 3
+    assert np.array_equal(ds.masks[0], synthetic_arrays(1, seed=2)[0][1])
+    with pytest.raises(UserError, match="not empty"):
+        write_synthetic(tmp_path / "syn", 3, seed=2)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from segcore.metrics import confusion_matrix, iou_per_class, mean_iou
+
+
+def test_hand_computed_table():
+    truth = np.array([[0, 0, 1], [1, 2, 2]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    cm = confusion_matrix(pred, truth, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 1, fn 1 -> 1/2
+    assert np.allclose(iou_per_class(cm), [1 / 3, 2 / 3, 1 / 2])
+    assert math.isclose(mean_iou(cm), (1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_class_absent_from_truth_and_prediction_is_left_out():
+    truth = np.array([0, 0, 1, 1])
+    pred = np.array([0, 1, 1, 1])
+    cm = confusion_matrix(pred, truth, 4)
+    iou = iou_per_class(cm)
+    assert np.isnan(iou[2]) and np.isnan(iou[3])
+    assert math.isclose(mean_iou(cm), (1 / 2 + 2 / 3) / 2)
+
+
+def test_class_only_predicted_counts_as_zero():
+    truth = np.array([0, 0, 0, 0])
+    pred = np.array([0, 0, 0, 2])
+    iou = iou_per_class(confusion_matrix(pred, truth, 3))
+    assert iou[2] == 0 and np.isnan(iou[1])
+    assert math.isclose(mean_iou(confusion_matrix(pred, truth, 3)), (3 / 4 + 0) / 2)
+
+
+def test_accumulates_over_all_pixels_not_per_image_mean():
+    a = confusion_matrix(np.array([1, 1]), np.array([1, 1]), 2)  # perfect, class 1 only
+    b = confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 2)
+    total = a + b
+    # class 0: tp 3, fp 0, fn 1 -> 3/4; class 1: tp 2, fp 1 -> 2/3
+    assert math.isclose(mean_iou(total), (3 / 4 + 2 / 3) / 2)
+    assert not math.isclose(mean_iou(total), (mean_iou(a) + mean_iou(b)) / 2)

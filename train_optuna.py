@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""train_optuna: hyperparameter search for U-Net segmentation. One entry point, subcommands.
+
+Handlers return exit codes; a UserError (bad file, value or option) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from segcore.errors import UserError
+
+DEFAULT_DATA_SEED = 0  # the synthetic data set used when --data is not given
+EVAL_DATA_SEED = 1  # evaluate's default: other images from the same generator
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def load_data(folder: str | None, seed: int = DEFAULT_DATA_SEED):
+    """A labelled folder, or the synthetic data set of `seed` when no folder is given."""
+    from segcore import data
+
+    if folder is None:
+        print(f"note: no --data given; using 100 synthetic images (seed {seed})", file=sys.stderr)
+        return data.synthetic_dataset(100, seed)
+    return data.load_folder(folder)
+
+
+def cmd_data(args) -> int:
+    from segcore.data import write_synthetic
+
+    if args.n < 1:
+        raise UserError(f"--n: must be at least 1, got {args.n}")
+    write_synthetic(args.out, args.n, args.seed)
+    print(f"wrote {args.n} images and masks to {args.out} (seed {args.seed})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from segcore.config import TrialConfig
+    from segcore.data import split
+    from segcore.files import save_model
+    from segcore.infer import evaluate
+    from segcore.train import train
+
+    cfg = TrialConfig.load(args.config)
+    if args.epochs is not None:
+        cfg = TrialConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs}, "--epochs")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out: {args.out} is a folder; give a model file path")
+    dataset = load_data(args.data)
+    train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
+    train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
+    print(f"training on {len(train_idx)} images, validating on {len(val_idx)}", file=sys.stderr)
+    result = train(cfg, train_set, val_set, progress=not args.quiet)
+    from segcore.model import build_model
+
+    model = build_model(cfg.arch, dataset.channels, len(dataset.classes), cfg.depth,
+                        cfg.base_width, cfg.max_width)  # fmt: skip
+    model.load_state_dict(result.state_dict)
+    scores = evaluate(model, val_set, cfg, progress=not args.quiet)
+    extra = {
+        "data": str(args.data) if args.data else f"synthetic:{DEFAULT_DATA_SEED}",
+        "val_names": val_set.names,
+        "best_epoch": result.best_epoch,
+        "patch_miou": result.best_patch_miou,
+        "full_image_miou": scores["miou"],
+        "history": result.history,
+    }
+    save_model(args.out, result.state_dict, cfg, in_channels=dataset.channels,
+               classes=dataset.classes, palette=dataset.palette, extra=extra)  # fmt: skip
+    print(
+        f"saved {args.out}: best epoch {result.best_epoch + 1}/{cfg.epochs}, "
+        f"patch mIoU {result.best_patch_miou:.4f}, full-image mIoU {scores['miou']:.4f} "
+        f"on {len(val_idx)} held-out images"
+    )
+    return 0
+
+
+def _model_and_data(args, folder: str | None):
+    from segcore.files import load_model
+
+    model, meta = load_model(args.model)
+    if folder is None:
+        from segcore.data import synthetic_dataset
+
+        print(f"note: no --data given; using 20 synthetic images (seed {EVAL_DATA_SEED})",
+              file=sys.stderr)  # fmt: skip
+        dataset = synthetic_dataset(20, EVAL_DATA_SEED)
+    else:
+        from segcore.data import load_images
+
+        dataset = load_images(folder)
+    if dataset.channels != meta["in_channels"]:
+        raise UserError(
+            f"{folder}: images have {dataset.channels} channel(s), the model "
+            f"{args.model} expects {meta['in_channels']}"
+        )
+    if dataset.masks is not None and len(dataset.classes) != len(meta["classes"]):
+        raise UserError(
+            f"{folder}: data has {len(dataset.classes)} classes, the model {args.model} "
+            f"has {len(meta['classes'])}"
+        )
+    return model, meta, dataset
+
+
+def cmd_evaluate(args) -> int:
+    from segcore.infer import evaluate
+
+    model, meta, dataset = _model_and_data(args, args.data)
+    if dataset.masks is None:
+        raise UserError(f"{args.data}: evaluate needs masks (DIR/images and DIR/masks)")
+    if args.held_out:
+        keep = set(meta["extra"].get("val_names", []))
+        idx = [i for i, n in enumerate(dataset.names) if n in keep]
+        if not idx:
+            raise UserError(f"--held-out: none of {args.model}'s held-out images are in the data")
+        dataset = dataset.subset(idx)
+    dataset.classes = meta["classes"]
+    scores = evaluate(model, dataset, meta["config"], progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(f"mIoU {scores['miou']:.4f} over {scores['images']} images")
+        for name, iou in scores["per_class"].items():
+            print(f"  {name:>16}: " + ("absent" if iou is None else f"{iou:.4f}"))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from segcore.data import colorize
+    from segcore.files import atomic_write
+    from segcore.infer import predict_probs
+    from segcore.pictures import prediction_panel
+
+    model, meta, dataset = _model_and_data(args, args.images)
+    cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} exists and is not a folder")
+    for i in tqdm(range(len(dataset.images)), disable=args.quiet, desc="predict"):
+        image, name = dataset.images[i], dataset.names[i]
+        probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
+                              gaussian=cfg.gaussian, tta=cfg.tta).cpu().numpy()  # fmt: skip
+        labels = probs.argmax(0)
+        mask = Image.fromarray(colorize(labels, palette))
+        atomic_write(out / f"{name}.png", lambda tmp, m=mask: m.save(tmp, format="png"))
+        truth = dataset.masks[i] if dataset.masks is not None else None
+        prediction_panel(out / f"{name}_overlay.png", image, probs, classes, palette, truth,
+                         title=f"{name} ({args.model})")  # fmt: skip
+    print(f"wrote {len(dataset.images)} masks and overlays to {out}")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="train_optuna.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("data", help="write a synthetic data set in the folder format")
+    p.add_argument("--out", required=True, help="new folder to write DIR/images, DIR/masks")
+    p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train one configuration and save a model file")
+    p.add_argument("--config", required=True, help="config JSON or exported best-config JSON")
+    p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+    p.add_argument("--out", required=True, help="model file to write (MODEL.pt)")
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="full-image stitched mIoU on a labelled folder")
+    p.add_argument("--model", required=True, help="model file from train")
+    p.add_argument("--data", help="labelled data folder (default: 20 synthetic images, seed 1)")
+    p.add_argument("--held-out", action="store_true",
+                   help="only the images the model held out from training")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label masks and overlay pictures for a folder of images")
+    p.add_argument("--model", required=True, help="model file from train")
+    p.add_argument("--images", required=True, help="folder of images, or a data folder")
+    p.add_argument("--out", required=True, help="folder for NAME.png masks and overlays")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
