@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from batchgenerators.transforms.color_transforms import GammaTransform
+from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
+from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+
+from segcore.augment import build_transforms, spatial_margin
+
+
+def _find(compose, cls):
+    return [t for t in compose.transforms if isinstance(t, cls)]
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan")])
+def test_rejects_strength_outside_unit_interval(strength):
+    with pytest.raises(ValueError, match="aug_strength"):
+        build_transforms(strength, 32)
+    with pytest.raises(ValueError, match="aug_strength"):
+        spatial_margin(strength, 32)
+
+
+def test_strength_zero_is_no_augmentation():
+    assert build_transforms(0.0, 32) is None
+    assert spatial_margin(0.0, 32) == 32
+    assert spatial_margin(0.0, 33) == 33
+
+
+def test_half_strength_is_nnunet_2d_default():
+    compose = build_transforms(0.5, 48)
+    (spatial,) = _find(compose, SpatialTransform)
+    assert spatial.patch_size == (48, 48)
+    assert not spatial.do_elastic_deform
+    assert spatial.angle_x == pytest.approx((-math.pi, math.pi))
+    assert spatial.p_rot_per_sample == pytest.approx(0.2)
+    assert spatial.scale == pytest.approx((0.7, 1.4))
+    assert spatial.p_scale_per_sample == pytest.approx(0.2)
+    assert (spatial.order_data, spatial.order_seg) == (3, 0)
+    assert spatial.border_mode_data == "constant"
+    assert not spatial.random_crop
+    (noise,) = _find(compose, GaussianNoiseTransform)
+    assert noise.noise_variance == pytest.approx((0, 0.1))
+    assert noise.p_per_sample == pytest.approx(0.1)
+    inverted, plain = _find(compose, GammaTransform)
+    assert inverted.invert_image and not plain.invert_image
+    assert plain.gamma_range == pytest.approx((0.7, 1.5))
+    assert (inverted.p_per_sample, plain.p_per_sample) == pytest.approx((0.1, 0.3))
+    assert plain.retain_stats
+    (mirror,) = _find(compose, MirrorTransform)
+    assert tuple(mirror.axes) == (0, 1)
+
+
+def test_full_strength_doubles_probabilities_and_widens_ranges():
+    compose = build_transforms(1.0, 48)
+    (spatial,) = _find(compose, SpatialTransform)
+    assert spatial.p_rot_per_sample == pytest.approx(0.4)
+    assert spatial.scale == pytest.approx((0.4, 1.8))
+    (noise,) = _find(compose, GaussianNoiseTransform)
+    assert noise.noise_variance == pytest.approx((0, 0.2))
+
+
+@pytest.mark.parametrize("patch_size", [32, 33])
+def test_margin_grows_with_strength_and_keeps_parity(patch_size):
+    sizes = [spatial_margin(s, patch_size) for s in (0.0, 0.25, 0.5, 1.0)]
+    assert sizes == sorted(sizes)
+    assert all((s - patch_size) % 2 == 0 for s in sizes)
+    assert sizes[-1] >= patch_size * math.sqrt(2) * 1.8
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_margin_keeps_every_rotated_scaled_view_inside_the_crop(strength):
+    patch = 32
+    spatial = _find(build_transforms(strength, patch), SpatialTransform)[0]
+    # Force every sample to rotate and scale: any sample leaving the crop would pull in zeros.
+    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
+    size = spatial_margin(strength, patch)
+    np.random.seed(0)
+    out = spatial(
+        data=np.ones((64, 1, size, size), np.float32), seg=np.ones((64, 1, size, size), np.float32)
+    )
+    assert out["data"].shape == (64, 1, patch, patch)
+    np.testing.assert_allclose(out["data"], 1.0, atol=1e-3)
+    assert (out["seg"] == 1).all()
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_labels_stay_whole(strength):
+    patch = 16
+    size = spatial_margin(strength, patch)
+    rng = np.random.RandomState(0)
+    seg = rng.randint(0, 3, size=(8, 1, size, size)).astype(np.float32)
+    data = rng.randn(8, 2, size, size).astype(np.float32)
+    np.random.seed(1)
+    out = build_transforms(strength, patch)(data=data, seg=seg)
+    assert out["data"].shape == (8, 2, patch, patch)
+    assert set(np.unique(out["seg"])) <= {0.0, 1.0, 2.0}
