@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -40,7 +41,9 @@ def cmd_data(args) -> int:
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
-    write_synthetic(args.out, args.n, args.seed)
+    if min(args.height, args.width) < 16:
+        raise UserError(f"--height/--width: must be at least 16, got {args.height}x{args.width}")
+    write_synthetic(args.out, args.n, args.seed, args.height, args.width)
     print(f"wrote {args.n} images and masks to {args.out} (seed {args.seed})")
     return 0
 
@@ -173,6 +176,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="new folder to write DIR/images, DIR/masks")
     p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--height", type=int, default=400, help="image height (default 400)")
+    p.add_argument("--width", type=int, default=200, help="image width (default 200)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train one configuration and save a model file")
@@ -203,6 +208,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except UserError as e:

@@ -151,7 +151,7 @@ _RULES = {
     "epochs": _between(1, 100_000),
     "steps_per_epoch": _between(1, 1_000_000),
     "optimizer": _one_of(OPTIMIZERS),
-    "lr": lambda v: "" if 0 < v <= 10 else "must be above 0 and at most 10",
+    "lr": lambda v: "" if 0 < v < float("inf") else "must be above 0 and finite",
     "schedule": _one_of(SCHEDULES),
     "weight_decay": _between(0, 1),
     "loss": _one_of(LOSSES),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,13 +64,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a model file (not a torch.save archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0][:120]
-        raise UserError(
-            f"{path}: not a safe model file (weights_only load refused: {reason})"
-        ) from None
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        reason = lines[0] if lines else "it holds more than tensors and plain values"
+        raise UserError(f"{path}: not a safe model file, refused to load ({reason})") from None
     except Exception as e:  # zip/pickle corruption surfaces as many types
         raise UserError(f"{path}: not a model file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:

@@ -6,6 +6,7 @@ raise (for example to prune) and so stop training.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from segcore.infer import autocast_for
 from segcore.metrics import confusion_matrix, mean_iou
 from segcore.model import build_model
 from segcore.patches import train_batches, validation_patches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,7 +158,14 @@ def train(
                 "epoch": epoch, "loss": float(np.mean(losses)), "patch_miou": miou,
                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
             })  # fmt: skip
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", patch_miou=f"{miou:.4f}")
+            line = (
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {np.mean(losses):.4f}, "
+                f"patch mIoU {miou:.4f}, {time.perf_counter() - started:.1f} s"
+            )
+            if progress:
+                bar.write(line)
+            else:
+                log.info(line)
             if miou > result.best_patch_miou:
                 result.best_epoch, result.best_patch_miou = epoch, miou
                 result.state_dict = {

@@ -1,0 +1,116 @@
+"""The command line end to end, as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_size": 4,
+        "epochs": 2, "steps_per_epoch": 3, "val_patches_per_image": 4, "aug_strength": 0.5}  # fmt: skip
+
+
+def run(*args, ok=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    run("data", "--out", tmp / "data", "--n", 5, "--height", 64, "--width", 48, "--seed", 3)
+    (tmp / "cfg.json").write_text(json.dumps(TINY))
+    out = run("train", "--config", tmp / "cfg.json", "--data", tmp / "data", "--out",
+              tmp / "m.pt", "--quiet")  # fmt: skip
+    assert "full-image mIoU" in out.stdout
+    return tmp
+
+
+def test_data_train_evaluate_json(trained):
+    out = run("evaluate", "--model", trained / "m.pt", "--data", trained / "data", "--json")
+    scores = json.loads(out.stdout)
+    assert scores["images"] == 5 and 0 <= scores["miou"] <= 1
+    assert set(scores["per_class"]) == {"background", "line", "ellipse"}
+    held = json.loads(run("evaluate", "--model", trained / "m.pt", "--data", trained / "data",
+                          "--json", "--held-out").stdout)  # fmt: skip
+    assert held["images"] == 1
+
+
+def test_model_file_loads_with_weights_only(trained):
+    payload = torch.load(trained / "m.pt", weights_only=True)
+    assert payload["classes"] == ["background", "line", "ellipse"]
+    assert payload["config"]["depth"] == 2 and payload["extra"]["val_names"]
+
+
+def test_predict_writes_masks_in_palette_and_overlays(trained):
+    run("predict", "--model", trained / "m.pt", "--images", trained / "data", "--out",
+        trained / "pred", "--quiet")  # fmt: skip
+    for i in range(5):
+        mask = np.array(Image.open(trained / "pred" / f"Img_{i}.png"))
+        assert mask.shape == (64, 48, 3)
+        colours = {tuple(c) for c in mask.reshape(-1, 3)}
+        assert colours <= {(0, 0, 0), (255, 0, 0), (0, 255, 0)}
+        overlay = np.array(Image.open(trained / "pred" / f"Img_{i}_overlay.png"))
+        assert overlay.std() > 10  # a real picture, not blank
+    # a plain folder of images (no masks) works too
+    run("predict", "--model", trained / "m.pt", "--images", trained / "data" / "images",
+        "--out", trained / "pred2", "--quiet")  # fmt: skip
+    assert len(list((trained / "pred2").glob("*_overlay.png"))) == 5
+
+
+def test_train_accepts_best_config_file(trained):
+    best = {"config": {**TINY, "epochs": 1}, "study": "s", "trial": 0}
+    (trained / "best.json").write_text(json.dumps(best))
+    run("train", "--config", trained / "best.json", "--data", trained / "data", "--out",
+        trained / "m2.pt", "--quiet")  # fmt: skip
+    assert torch.load(trained / "m2.pt", weights_only=True)["config"]["epochs"] == 1
+
+
+def _evil(path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(path.parent / "pwned"),))
+
+    torch.save({"format": Evil()}, path)  # a real torch archive that carries code
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["evaluate", "--model", "{t}/missing.pt"], "missing.pt: model file not found"),
+        (["evaluate", "--model", "{t}/cfg.json"], "cfg.json: not a model file"),
+        (["evaluate", "--model", "{t}/evil.pt"], "evil.pt: not a safe model file"),
+        (["train", "--config", "{t}/nope.json", "--out", "{t}/x.pt"], "config file not found"),
+        (["train", "--config", "{t}/bad.json", "--out", "{t}/x.pt"], "field 'depth'"),
+        (["evaluate", "--model", "{t}/m.pt", "--data", "{t}/none"], "none: folder not found"),
+        (["data", "--out", "{t}/data"], "data: folder exists and is not empty"),
+        (["data", "--out", "{t}/d2", "--n", "0"], "--n: must be at least 1"),
+        (["train"], "the following arguments are required: --config, --out"),
+        (["data", "--out", "{t}/d3", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_errors_are_one_line_exit_2_and_write_nothing(trained, args, message):
+    (trained / "bad.json").write_text(json.dumps({**TINY, "depth": 9}))
+    _evil(trained / "evil.pt")
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    proc = run(*[a.format(t=trained) for a in args], ok=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    assert not (trained / "pwned").exists()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segcore.config import TrialConfig
+from segcore.data import synthetic_dataset
+from segcore.errors import DivergedError
+from segcore.model import build_model
+from segcore.patches import validation_patches
+from segcore.train import lr_factor, patch_miou, train
+
+torch.set_num_threads(1)
+
+TINY = dict(depth=2, base_width=4, max_width=16, patch_size=32, batch_size=4, steps_per_epoch=4)
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = synthetic_dataset(5, seed=0, height=64, width=48)
+    return ds.subset([0, 1, 2, 3]), ds.subset([4])
+
+
+def test_on_epoch_history_and_best_weights(data):
+    cfg = TrialConfig(**TINY, epochs=3, lr=0.05, aug_strength=0.5)
+    seen = []
+    result = train(cfg, *data, on_epoch=lambda e, m: seen.append((e, m)), progress=False)
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert all(0 <= m <= 1 for _, m in seen)
+    assert [h["patch_miou"] for h in result.history] == [m for _, m in seen]
+    assert result.best_patch_miou == max(m for _, m in seen)
+    assert seen[result.best_epoch][1] == result.best_patch_miou
+    # the kept weights are the best epoch's: they score that epoch's patch mIoU again
+    model = build_model("unet", 1, 3, 2, 4, 16)
+    model.load_state_dict(result.state_dict)
+    vx, vy = validation_patches(data[1].images, data[1].masks, patch_size=32, per_image=8, seed=0)
+    again = patch_miou(model, torch.from_numpy(vx), torch.from_numpy(vy), 3)
+    assert again == pytest.approx(result.best_patch_miou, abs=1e-9)
+
+
+def test_same_seed_same_training(data):
+    cfg = TrialConfig(**TINY, epochs=1, aug_strength=0.5, seed=3)
+    a = train(cfg, *data, progress=False)
+    b = train(cfg, *data, progress=False)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_callback_exception_stops_training(data):
+    class Stop(Exception):
+        pass
+
+    def prune(epoch, miou):
+        if epoch == 1:
+            raise Stop
+
+    cfg = TrialConfig(**TINY, epochs=5)
+    with pytest.raises(Stop):
+        train(cfg, *data, on_epoch=prune, progress=False)
+
+
+def test_divergence_raises(data):
+    cfg = TrialConfig(**TINY, epochs=2, lr=1e8, aug_strength=0)
+    with pytest.raises(DivergedError, match="loss became nan"):
+        train(cfg, *data, progress=False)
+
+
+def test_adamw_and_dice_and_unet3plus_train(data):
+    cfg = TrialConfig(**TINY, epochs=1, optimizer="adamw", lr=1e-3, loss="ce+dice",
+                      arch="unet3plus", schedule="poly")  # fmt: skip
+    result = train(cfg, *data, progress=False)
+    assert result.best_epoch == 0 and result.history[0]["loss"] > 0
+
+
+def test_lr_schedules():
+    assert [lr_factor("step", s, 10) for s in (0, 4, 5, 9)] == [1, 1, 0.1, 0.1]
+    assert lr_factor("poly", 0, 10) == 1 and lr_factor("poly", 9, 10) < 0.2
+    assert lr_factor("constant", 9, 10) == 1
