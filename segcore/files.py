@@ -72,7 +72,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
         reason = lines[0] if lines else "it holds more than tensors and plain values"
         raise UserError(f"{path}: not a safe model file, refused to load ({reason})") from None
-    except Exception as e:  # zip/pickle corruption surfaces as many types
+    except Exception as e:  # noqa: BLE001 (a corrupt archive surfaces as many types)
         raise UserError(f"{path}: not a model file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a train_optuna model file")

@@ -12,7 +12,8 @@ from segcore.train import lr_factor, patch_miou, train
 
 torch.set_num_threads(1)
 
-TINY = dict(depth=2, base_width=4, max_width=16, patch_size=32, batch_size=4, steps_per_epoch=4)
+TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_size": 4,
+        "steps_per_epoch": 4}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
