@@ -1,3 +1,5 @@
+"""Augmentation: a batchgenerators pipeline built from one strength knob in [0, 1]."""
+
 from __future__ import annotations
 
 import math

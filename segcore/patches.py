@@ -1,3 +1,5 @@
+"""Random training patches through a batchgenerators loader, and the fixed validation patch set."""
+
 from __future__ import annotations
 
 import random
