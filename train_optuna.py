@@ -167,6 +167,88 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _study_args(args) -> tuple[str, str]:
+    from segcore.study import check_name, storage_url
+
+    name = check_name(args.study)
+    if args.storage is None:
+        Path("storage").mkdir(exist_ok=True)
+    return name, storage_url(name, args.storage)
+
+
+def cmd_check(args) -> int:
+    from segcore.space import load_space
+
+    space = load_space(args.space)
+    print(f"{args.space}: ok ({len(space.search)} searched fields, {space.n_trials} trials, "
+          f"sampler {space.sampler['name']}, pruner {space.pruner['name']})")  # fmt: skip
+    return 0
+
+
+def cmd_search(args) -> int:
+    from segcore.data import load_folder
+    from segcore.space import load_space
+    from segcore.study import create_study, export, mask_url, score
+    from segcore.workers import Launcher, parse_gpus
+
+    if args.workers < 1:
+        raise UserError(f"--workers: must be at least 1, got {args.workers}")
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
+    gpus = parse_gpus(args.gpus)
+    n_workers = args.workers if not gpus else max(args.workers, len(gpus) * args.workers_per_gpu)
+    space = load_space(args.space)
+    data = None
+    if args.data:
+        load_folder(args.data)  # every file checked before any worker starts
+        data = str(Path(args.data).resolve())
+    name, url = _study_args(args)
+    create_study(name, url, space, data, args.n_trials)
+    print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/",
+          file=sys.stderr)  # fmt: skip
+    code = Launcher(name, url, n_workers, gpus, args.quiet).run()
+    if code:
+        return code
+    score(name, url, progress=not args.quiet)
+    path = export(name, url)
+    best = json.loads(path.read_text())
+    print(f"best trial {best['trial']}: full-image mIoU {best['full_image_miou']:.4f}, "
+          f"patch mIoU {best['patch_miou']:.4f}; wrote {path}")  # fmt: skip
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import os
+
+    import torch
+
+    from segcore.study import run_worker
+
+    threads = os.environ.get("TRAIN_OPTUNA_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    name, url = _study_args(args)
+    return run_worker(name, url, args.seed)
+
+
+def cmd_score(args) -> int:
+    from segcore.study import score
+
+    name, url = _study_args(args)
+    scores = score(name, url, args.top_k, progress=not args.quiet)
+    for number, s in scores.items():
+        print(f"trial {number}: patch mIoU {s['patch_miou']:.4f}, full-image mIoU {s['miou']:.4f}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from segcore.study import export
+
+    name, url = _study_args(args)
+    print(f"wrote {export(name, url, args.out)}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="train_optuna.py", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -203,12 +285,57 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="folder for NAME.png masks and overlays")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("check", help="validate a search-space file without running anything")
+    p.add_argument("--space", required=True, help="search-space YAML")
+    p.set_defaults(func=cmd_check)
+
+    def study_options(p, storage_help="SQLAlchemy URL (default sqlite:///storage/NAME.db)"):
+        p.add_argument("--study", required=True, help="study name (letters, digits, _ - .)")
+        p.add_argument("--storage", help=storage_help)
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("search", help="create or resume a study, run it to budget, rescore, export")
+    p.add_argument("--space", required=True, help="search-space YAML (search_spaces/quick.yaml)")
+    study_options(p)
+    p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+    p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
+    p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("worker", help="join a study from another shell or machine")
+    study_options(p)
+    p.add_argument("--seed", type=int, help="sampler seed (default: none)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("score", help="full-image stitched rescoring of the best trials")
+    study_options(p)
+    p.add_argument("--top-k", type=int, help="how many trials (default: the space's top_k)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("export", help="best-config JSON of the best trial by full-image mIoU")
+    study_options(p)
+    p.add_argument("--out", help="file to write (default reports/NAME/best.json)")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def quiet_optuna(verbose: bool) -> None:
+    """Heartbeat and artifacts are marked experimental; say so once here, not on every run."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    quiet_optuna(verbose=args.command == "worker")
     try:
         return args.func(args)
     except UserError as e:

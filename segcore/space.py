@@ -1,0 +1,252 @@
+"""Search-space files: YAML -> validated Space -> optuna suggestions -> TrialConfig.
+
+A space file has three sections: `search` (config field -> Optuna's short distribution form),
+`fixed` (config field -> value) and `study` (budget, sampler, pruner, rescoring). It is checked
+completely when loaded, so no trial is wasted on a mistake in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segcore.config import TrialConfig
+from segcore.errors import UserError
+
+CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
+DIST_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+SAMPLERS = {"tpe", "random", "qmc"}
+PRUNERS = {"asha", "median", "hyperband", "none"}
+STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start"}
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated search space; `raw` is the parsed YAML, stored with the study."""
+
+    search: dict[str, dict[str, Any]]
+    fixed: dict[str, Any]
+    n_trials: int = 12
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
+    top_k: int = 3
+    warm_start: bool = False
+    raw: dict[str, Any] = field(default_factory=dict)
+    source: str = "space"
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: search space file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({type(e).__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}: not valid YAML{line}") from None
+    return parse_space(raw, str(path))
+
+
+def parse_space(raw: Any, source: str) -> Space:
+    """Validate a parsed space (dict) completely; `source` names it in errors."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: must be a mapping with a 'search' section")
+    for key in raw:
+        if key not in ("search", "fixed", "study"):
+            raise UserError(f"{source}: unknown section '{key}' (use search, fixed, study)")
+    search, fixed = raw.get("search"), raw.get("fixed") or {}
+    if not isinstance(search, dict) or not search:
+        raise UserError(f"{source}: 'search' must map config fields to distributions")
+    if not isinstance(fixed, dict):
+        raise UserError(f"{source}: 'fixed' must map config fields to values")
+    for name in list(search) + list(fixed):
+        if name not in CONFIG_FIELDS:
+            raise UserError(f"{source}: unknown config field '{name}'")
+    for name in ("seed", "val_fraction"):
+        if name in search:
+            raise UserError(f"{source}: '{name}' cannot be searched: every trial needs one split")
+    both = sorted(set(search) & set(fixed))
+    if both:
+        raise UserError(f"{source}: field '{both[0]}' is both searched and fixed")
+    dists = {name: _check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
+    study = _check_study(raw.get("study") or {}, source)
+    space = Space(dists, dict(fixed), raw=raw, source=source, **study)
+    _check_configs(space)
+    return space
+
+
+def _number(value: Any, where: str, kind: str) -> float | int:
+    if isinstance(value, str) and _looks_numeric(value):  # PyYAML reads 1e-4 (no dot) as a str
+        raise UserError(f"{where}: {value!r} is a string to YAML; write it with a dot, e.g. 1.0e-4")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "int":
+        ok = ok and float(value).is_integer()
+    if not ok:
+        raise UserError(f"{where}: must be a finite {kind} number, got {value!r}")
+    return int(value) if kind == "int" else float(value)
+
+
+def _check_dist(spec: Any, where: str) -> dict[str, Any]:
+    """One distribution in short form -> normalised dict; checks keys, types and ranges."""
+    if not isinstance(spec, dict) or spec.get("type") not in DIST_KEYS:
+        raise UserError(f"{where}: must be {{type: float|int|categorical, ...}}")
+    kind = spec["type"]
+    extra = sorted(set(spec) - DIST_KEYS[kind])
+    if extra:
+        raise UserError(f"{where}: unknown key '{extra[0]}' for type {kind}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}.choices: must be a non-empty list")
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise UserError(f"{where}.choices: must hold plain values, got {c!r}")
+            if isinstance(c, str) and _looks_numeric(c):
+                _number(c, f"{where}.choices", "float")
+        return {"type": kind, "choices": list(choices)}
+    for key in ("low", "high"):
+        if key not in spec:
+            raise UserError(f"{where}: needs '{key}'")
+    low, high = (_number(spec[k], f"{where}.{k}", kind) for k in ("low", "high"))
+    if low > high:
+        raise UserError(f"{where}: low ({low}) must not exceed high ({high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}.log: must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise UserError(f"{where}: log scale needs low > 0, got {low}")
+    step = spec.get("step")
+    if step is not None:
+        step = _number(step, f"{where}.step", kind)
+        if step <= 0:
+            raise UserError(f"{where}.step: must be above 0, got {step}")
+        if log:
+            raise UserError(f"{where}: step and log cannot be used together")
+    if kind == "int" and step is None:
+        step = 1
+    return {"type": kind, "low": low, "high": high, "log": log, "step": step}
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_study(study: Any, source: str) -> dict[str, Any]:
+    if not isinstance(study, dict):
+        raise UserError(f"{source}: 'study' must be a mapping")
+    extra = sorted(set(study) - STUDY_KEYS)
+    if extra:
+        raise UserError(f"{source}: unknown key 'study.{extra[0]}'")
+    out: dict[str, Any] = {}
+    if "n_trials" in study:
+        out["n_trials"] = _number(study["n_trials"], f"{source}: study.n_trials", "int")
+        if out["n_trials"] < 1:
+            raise UserError(f"{source}: study.n_trials: must be at least 1")
+    if "top_k" in study:
+        out["top_k"] = _number(study["top_k"], f"{source}: study.top_k", "int")
+        if out["top_k"] < 1:
+            raise UserError(f"{source}: study.top_k: must be at least 1")
+    if study.get("metric", "patch_miou") != "patch_miou":
+        raise UserError(f"{source}: study.metric: only patch_miou is supported")
+    if "warm_start" in study:
+        if not isinstance(study["warm_start"], bool):
+            raise UserError(f"{source}: study.warm_start: must be true or false")
+        out["warm_start"] = study["warm_start"]
+    for key, names in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if key in study:
+            spec = study[key]
+            spec = {"name": spec} if isinstance(spec, str) else spec
+            if not isinstance(spec, dict) or spec.get("name") not in names:
+                raise UserError(
+                    f"{source}: study.{key}.name: must be one of {', '.join(sorted(names))}"
+                )
+            args = spec.get("args", {})
+            if not isinstance(args, dict) or set(spec) - {"name", "args"}:
+                raise UserError(f"{source}: study.{key}: only 'name' and 'args' (a mapping)")
+            out[key] = {"name": spec["name"], "args": dict(args)}
+    return out
+
+
+def _grid(spec: dict[str, Any]) -> list[Any]:
+    """The values a distribution can take, for constraint checks (ends only for floats)."""
+    if spec["type"] == "categorical":
+        return spec["choices"]
+    if spec["type"] == "int":
+        return list(range(spec["low"], spec["high"] + 1, spec["step"]))
+    return [spec["low"], spec["high"]]
+
+
+def fit_depth(depth: int, patch_size: int) -> int:
+    """The deepest depth <= `depth` that the patch supports (divisible, bottom at least 2x2)."""
+    while depth > 1 and (patch_size % 2**depth or patch_size < 2 * 2**depth):
+        depth -= 1
+    return depth
+
+
+def _check_configs(space: Space) -> None:
+    """Every patch size must fit some depth; the lowest/highest corners must be valid configs."""
+    patches = _grid(space.search["patch_size"]) if "patch_size" in space.search else None
+    depths = _grid(space.search["depth"]) if "depth" in space.search else None
+    patches = patches or [space.fixed.get("patch_size", TrialConfig.patch_size)]
+    depths = depths or [space.fixed.get("depth", TrialConfig.depth)]
+    for p in patches:
+        if not isinstance(p, int) or not any(
+            p % 2**d == 0 and p >= 2 * 2**d for d in depths if isinstance(d, int)
+        ):
+            raise UserError(
+                f"{space.source}: patch_size {p!r}: no depth in {depths} divides it "
+                f"(a patch must be a multiple of 2**depth and at least twice it)"
+            )
+    for corner in (0, -1):
+        params = {name: _grid(spec)[corner] for name, spec in space.search.items()}
+        config_from(params, space)
+
+
+def config_from(params: dict[str, Any], space: Space) -> TrialConfig:
+    """TrialConfig of sampled params plus fixed fields; depth fitted to the patch size."""
+    values = {**space.fixed, **params}
+    if "patch_size" in values or "depth" in values:
+        depth = values.get("depth", TrialConfig.depth)
+        patch = values.get("patch_size", TrialConfig.patch_size)
+        if isinstance(depth, int) and isinstance(patch, int):
+            values["depth"] = fit_depth(depth, patch)
+    return TrialConfig.from_dict(values, space.source)
+
+
+def suggest(trial: Any, space: Space) -> TrialConfig:
+    """Sample every searched field from an optuna trial (or FixedTrial) into a TrialConfig.
+
+    The patch-size / depth constraint is met by construction: the sampled depth is lowered to
+    the deepest one the sampled patch size supports, so no trial is wasted on an invalid pair.
+    """
+    params = {}
+    for name, spec in space.search.items():
+        if spec["type"] == "categorical":
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(
+                name, spec["low"], spec["high"], step=spec["step"], log=spec["log"]
+            )
+        else:
+            params[name] = trial.suggest_float(
+                name, spec["low"], spec["high"], step=spec["step"], log=spec["log"]
+            )
+    return config_from(params, space)

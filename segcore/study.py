@@ -1,0 +1,387 @@
+"""The study side: storage, sampler and pruner from the space, the objective, rescoring, export.
+
+The search space travels in the study's user attributes, so every worker (on any machine)
+rebuilds the same sampler and pruner from the database alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.trial import TrialState
+
+from segcore.config import TrialConfig
+from segcore.data import Dataset, load_folder, split, synthetic_dataset
+from segcore.errors import DivergedError, UserError
+from segcore.files import atomic_write, load_model, save_model, write_text
+from segcore.infer import evaluate
+from segcore.space import Space, parse_space, suggest
+from segcore.train import train
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# Heartbeat: a killed worker's trial is failed (and retried) once it is silent this long. The
+# grace period is far above any SQLite or network stall, or live trials would be failed.
+HEARTBEAT_S, GRACE_S = 10, 120
+DASHBOARD_PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+SLOTS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def check_name(name: str) -> str:
+    """A study name is a plain file name, so nothing lands outside storage/ and reports/."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise UserError(
+            f"--study {name!r}: use letters, digits, '_', '-' and '.', no path separators or '..'"
+        )
+    return name
+
+
+def mask_url(url: str) -> str:
+    """The storage URL with any password replaced by ***, for logs and errors."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def storage_url(name: str, url: str | None) -> str:
+    return url or f"sqlite:///storage/{name}.db"
+
+
+def artifact_dir(name: str) -> Path:
+    return Path("storage") / name / "artifacts"
+
+
+def open_storage(url: str, *, workers: int = 1) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeat and retry of stale trials; SQLite in WAL mode."""
+    kwargs: dict[str, Any]
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        if not path.parent.is_dir():
+            raise UserError(f"--storage {url}: folder {path.parent} does not exist")
+        try:  # WAL lets readers (dashboard, launcher) work while workers write
+            with sqlite3.connect(path, timeout=60) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            raise UserError(f"--storage {url}: cannot open ({e})") from None
+        kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs = {"pool_size": max(2, workers), "max_overflow": 4, "pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=3
+            ),
+        )
+    except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"--storage {mask_url(url)}: cannot open ({mask_url(reason)})") from None
+
+
+def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    name, args = space.sampler["name"], space.sampler.get("args", {})
+    make = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }[name]
+    try:
+        return make(seed=seed, **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{space.source}: study.sampler.args: {e}") from None
+
+
+def build_pruner(space: Space) -> optuna.pruners.BasePruner:
+    name, args = space.pruner["name"], space.pruner.get("args", {})
+    epochs = space.fixed.get("epochs", TrialConfig.epochs)
+    try:
+        if name == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
+        if name == "median":
+            return optuna.pruners.MedianPruner(**args)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(
+                **{"min_resource": 1, "max_resource": epochs, **args}
+            )
+        return optuna.pruners.NopPruner(**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{space.source}: study.pruner.args: {e}") from None
+
+
+def create_study(name: str, url: str, space: Space, data: str | None, n_trials: int | None):
+    """Create the study, or resume it (same space only); returns (study, space)."""
+    storage = open_storage(url)
+    if name in optuna.get_all_study_names(storage=storage):
+        study, stored = load_study(name, storage, seed=None)
+        if stored.raw != space.raw:
+            raise UserError(
+                f"--space {space.source}: study {name!r} was created with another search space; "
+                f"use a new --study name"
+            )
+        if data != study.user_attrs.get("data"):
+            raise UserError(
+                f"--data: study {name!r} was created with --data {study.user_attrs.get('data')}"
+            )
+    else:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize",
+            sampler=build_sampler(space, None), pruner=build_pruner(space),
+        )  # fmt: skip
+        study.set_user_attr("space", space.raw)
+        study.set_user_attr("space_file", space.source)
+        study.set_user_attr("data", data)
+        study.set_user_attr("n_trials", space.n_trials)
+        if space.warm_start:  # the reference recipe, once, before any worker starts
+            study.enqueue_trial(warm_start_params(space), skip_if_exists=True)
+        stored = space
+    if n_trials is not None:
+        study.set_user_attr("n_trials", n_trials)
+    return study, stored
+
+
+def warm_start_params(space: Space) -> dict[str, Any]:
+    """The reference recipe's values for the searched fields, where the space allows them."""
+    reference = {"patch_size": 64, "depth": 4, "lr": 0.05, "aug_strength": 0.5, "base_width": 16}
+    params = {}
+    for name, value in reference.items():
+        spec = space.search.get(name)
+        if spec is None:
+            continue
+        if spec["type"] == "categorical":
+            value = value if value in spec["choices"] else spec["choices"][0]
+        else:
+            value = min(max(value, spec["low"]), spec["high"])
+        params[name] = value
+    return params
+
+
+def load_study(name: str, storage, seed: int | None):
+    """Load a study and the space stored with it; sampler and pruner rebuilt from the space."""
+    try:
+        bare = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise UserError(f"--study {name!r}: no such study in this storage") from None
+    if "space" not in bare.user_attrs:
+        raise UserError(f"--study {name!r}: not created by train_optuna (no search space stored)")
+    space = parse_space(bare.user_attrs["space"], f"study {name}")
+    study = optuna.load_study(
+        study_name=name, storage=storage, sampler=build_sampler(space, seed),
+        pruner=build_pruner(space),
+    )  # fmt: skip
+    return study, space
+
+
+def study_data(study: optuna.Study, space: Space) -> tuple[Dataset, Dataset]:
+    """(train, validation) split of the study's data, the same for every trial and worker."""
+    folder = study.user_attrs.get("data")
+    dataset = synthetic_dataset(100, 0) if folder is None else load_folder(folder)
+    cfg = TrialConfig.from_dict(
+        {k: v for k, v in space.fixed.items() if k in ("seed", "val_fraction")}
+    )
+    train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
+    return dataset.subset(train_idx), dataset.subset(val_idx)
+
+
+def budget(study: optuna.Study) -> int:
+    return int(study.user_attrs["n_trials"])
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    out = {s.name.lower(): 0 for s in TrialState}
+    for t in trials:
+        out[t.state.name.lower()] += 1
+    return out
+
+
+# --- checkpoints in the artifact store -----------------------------------------------------------
+
+
+def _checkpoint_metas(study: optuna.Study) -> dict[int, tuple[str, str]]:
+    """trial_id -> (attribute key, artifact id) of each live checkpoint."""
+    out = {}
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(DASHBOARD_PREFIX) and value not in (None, "null"):
+            meta = json.loads(value)
+            if meta and meta.get("filename") == "checkpoint.pt":
+                trial_id = int(key[len(DASHBOARD_PREFIX) :].split(":")[0])
+                out[trial_id] = (key, meta["artifact_id"])
+    return out
+
+
+def store_checkpoint(study, trial_id: int, path: Path, store: FileSystemArtifactStore) -> str:
+    """Put a file in the artifact store, listed on the trial's page by optuna-dashboard."""
+    artifact_id = f"{trial_id}-{path.stem}-{int(time.time() * 1000)}"
+    with open(path, "rb") as f:
+        store.write(artifact_id, f)
+    meta = {"artifact_id": artifact_id, "filename": "checkpoint.pt",
+            "mimetype": "application/octet-stream", "encoding": None}  # fmt: skip
+    key = f"{DASHBOARD_PREFIX}{trial_id}:{artifact_id}"
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
+    return artifact_id
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(done, key=lambda t: (-t.value, t.number))[:k]
+
+
+def drop_checkpoints(study: optuna.Study, top_k: int, store: FileSystemArtifactStore) -> None:
+    """Delete checkpoints of trials that can no longer be in the top K (disk stays bounded)."""
+    keep = {t._trial_id for t in top_trials(study, top_k)}
+    for trial_id, (key, artifact_id) in _checkpoint_metas(study).items():
+        if trial_id not in keep:
+            with contextlib.suppress(ArtifactNotFound):  # another worker removed it first
+                store.remove(artifact_id)
+            study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
+
+
+# --- the objective -------------------------------------------------------------------------------
+
+
+class OverBudget(Exception):
+    """Another worker took the last trial slot between this worker's check and its ask."""
+
+
+def make_objective(study: optuna.Study, space: Space, data: tuple[Dataset, Dataset], store):
+    train_set, val_set = data
+
+    def objective(trial: optuna.Trial) -> float:
+        earlier = [
+            t for t in study.get_trials(deepcopy=False, states=SLOTS) if t.number < trial.number
+        ]
+        if len(earlier) >= budget(study):
+            trial.set_user_attr("fail_reason", "over budget: another worker took the last slot")
+            raise OverBudget
+        cfg = suggest(trial, space)
+        trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+
+        def on_epoch(epoch: int, miou: float) -> None:
+            trial.report(miou, epoch)
+            trial.set_user_attr("epochs_run", epoch + 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned
+
+        try:
+            result = train(cfg, train_set, val_set, on_epoch=on_epoch, progress=False)
+        except DivergedError as e:
+            trial.set_user_attr("fail_reason", f"diverged: {e}")
+            raise
+        except torch.OutOfMemoryError as e:
+            trial.set_user_attr("fail_reason", f"out of memory: {str(e).splitlines()[0][:200]}")
+            raise
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        top = top_trials(study, space.top_k)
+        if len(top) < space.top_k or result.best_patch_miou > top[-1].value:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "checkpoint.pt"
+                save_model(path, result.state_dict, cfg, in_channels=train_set.channels,
+                           classes=train_set.classes, palette=train_set.palette,
+                           extra={"study": study.study_name, "trial": trial.number,
+                                  "val_names": val_set.names,
+                                  "patch_miou": result.best_patch_miou})  # fmt: skip
+                store_checkpoint(study, trial._trial_id, path, store)
+        return result.best_patch_miou
+
+    return objective
+
+
+def run_worker(name: str, url: str, seed: int | None) -> int:
+    """Run trials until the study-wide budget of COMPLETE + PRUNED trials is met."""
+    storage = open_storage(url)
+    study, space = load_study(name, storage, seed)
+    data = study_data(study, space)
+    store_dir = artifact_dir(name)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(store_dir))
+    objective = make_objective(study, space, data, store)
+    catch = (DivergedError, torch.OutOfMemoryError, OverBudget)
+    while True:
+        states = counts(study)
+        if states["complete"] + states["pruned"] >= budget(study):
+            return 0
+        if sum(states[s.name.lower()] for s in SLOTS) >= budget(study):
+            # every slot is taken by a running trial: wait, in case one fails and is retried
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(2)
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=catch)
+        except RuntimeError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
+            log.warning("trial could not be told (%s); going on", e)
+        drop_checkpoints(study, space.top_k, store)
+
+
+# --- rescoring and export ------------------------------------------------------------------------
+
+
+def reports_dir(name: str) -> Path:
+    return Path("reports") / name
+
+
+def score(name: str, url: str, top_k: int | None = None, progress: bool = True) -> dict:
+    """Stitched full-image mIoU of the top-K trials on the validation images."""
+    study, space = load_study(name, open_storage(url), seed=None)
+    k = top_k or space.top_k
+    store = FileSystemArtifactStore(str(artifact_dir(name)))
+    metas = _checkpoint_metas(study)
+    top = [t for t in top_trials(study, k) if t._trial_id in metas]
+    if not top:
+        raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
+    _, val_set = study_data(study, space)
+    scores = {}
+    for t in top:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            with store.open_reader(metas[t._trial_id][1]) as src:
+                path.write_bytes(src.read())
+            model, payload = load_model(path)
+        result = evaluate(model, val_set, payload["config"], progress=progress)
+        scores[str(t.number)] = {"patch_miou": t.value, **result}
+        log.info("trial %d: patch mIoU %.4f, full-image mIoU %.4f", t.number, t.value,
+                 result["miou"])  # fmt: skip
+    study.set_user_attr("full_image_scores", scores)
+    write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def export(name: str, url: str, out: str | Path | None = None) -> Path:
+    """Write best.json for the trial with the best full-image mIoU."""
+    study, _ = load_study(name, open_storage(url), seed=None)
+    scores = study.user_attrs.get("full_image_scores")
+    if not scores:
+        raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
+    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    trial = study.trials[int(number)]
+    payload = {
+        "config": trial.user_attrs["config"],
+        "study": name,
+        "trial": trial.number,
+        "patch_miou": best["patch_miou"],
+        "full_image_miou": best["miou"],
+        "per_class": best["per_class"],
+        "params": trial.params,
+        "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
+    }
+    path = Path(out) if out else reports_dir(name) / "best.json"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    return path

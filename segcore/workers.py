@@ -1,0 +1,135 @@
+"""Launching and supervising worker processes: GPU pinning, threads, logs, restarts, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from segcore.errors import UserError
+from segcore.study import budget, counts, open_storage
+
+ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
+MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
+
+
+def parse_gpus(spec: str) -> list[int]:
+    """'none' -> [], 'all' -> every visible GPU, '0,2' -> those (each must exist)."""
+    import torch
+
+    available = torch.cuda.device_count()
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(available))
+    try:
+        gpus = [int(g) for g in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--gpus {spec!r}: use none, all or a list like 0,1") from None
+    for g in gpus:
+        if not 0 <= g < available:
+            raise UserError(f"--gpus: GPU {g} does not exist (this machine has {available})")
+    return gpus
+
+
+def worker_env(index: int, gpus: list[int], threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = str(gpus[index % len(gpus)]) if gpus else ""
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRAIN_OPTUNA_THREADS"):
+        env[key] = str(threads)
+    return env
+
+
+class Launcher:
+    """Starts N workers on one study and keeps them going until the budget is met."""
+
+    def __init__(self, name: str, url: str, n_workers: int, gpus: list[int], quiet: bool):
+        self.name, self.url, self.quiet = name, url, quiet
+        self.gpus = gpus
+        self.threads = max(1, (os.cpu_count() or 1) // n_workers)
+        self.log_dir = Path("storage") / name
+        self.procs: list[subprocess.Popen | None] = [None] * n_workers
+        self.restarts = [0] * n_workers
+        self.study = optuna.load_study(study_name=name, storage=open_storage(url))
+
+    def start(self, i: int) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (the child owns it)
+        cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name, "--storage", self.url,
+               "--seed", str(1000 * (self.restarts[i] + 1) + i)]  # fmt: skip
+        env = worker_env(i, self.gpus, self.threads)
+        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def run(self) -> int:
+        started = time.monotonic()
+        for i in range(len(self.procs)):
+            self.start(i)
+        try:
+            while any(p is not None for p in self.procs):
+                self.supervise()
+                self.progress(started)
+                time.sleep(1)
+        except KeyboardInterrupt:
+            self.stop()
+            self.progress(started, final=True)
+            print("stopped: run the same command again to resume", file=sys.stderr)
+            return 130
+        self.progress(started, final=True)
+        return 0
+
+    def supervise(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is None:
+                continue
+            self.procs[i] = None
+            if p.returncode == 0:
+                continue
+            log = self.log_dir / f"worker-{i}.log"
+            print(f"\nworker {i} exited with status {p.returncode} (see {log})", file=sys.stderr)
+            c = counts(self.study)
+            if c["complete"] + c["pruned"] < budget(self.study) and self.restarts[i] < MAX_RESTARTS:
+                self.restarts[i] += 1
+                print(f"restarting worker {i}", file=sys.stderr)
+                self.start(i)
+
+    def stop(self) -> None:
+        """Ctrl-C: interrupt every worker (each fails its trial), kill any that hang."""
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 25
+        for p in live:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        # a killed worker cannot fail its own trial: fail what is still RUNNING from here
+        pids = {str(p.pid) for p in live}
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if str(t.user_attrs.get("pid")) in pids:
+                self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+    def progress(self, started: float, final: bool = False) -> None:
+        if self.quiet and not final:
+            return
+        c = counts(self.study)
+        try:
+            best = f"{self.study.best_value:.4f}"
+        except ValueError:
+            best = "-"
+        line = (
+            f"trials {c['complete'] + c['pruned']}/{budget(self.study)}: {c['complete']} complete, "
+            f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running; best patch mIoU "
+            f"{best}; {time.monotonic() - started:.0f} s"
+        )
+        end = "\n" if final or not sys.stderr.isatty() else ""
+        if final or sys.stderr.isatty() or int(time.monotonic() - started) % 30 == 0:
+            print(("\r" if sys.stderr.isatty() else "") + line, end=end, file=sys.stderr)
