@@ -96,7 +96,7 @@ class TrialConfig:
             raise UserError(f"{source}: unknown config field '{unknown[0]}'")
         values = {}
         for name, value in data.items():
-            values[name] = _coerce(value, known[name].type, f"{source}: config field '{name}'")
+            values[name] = coerce(value, known[name].type, f"{source}: config field '{name}'")
         try:
             return cls(**values)
         except UserError as e:
@@ -117,7 +117,7 @@ class TrialConfig:
         return cls.from_dict(data, str(path))
 
 
-def _coerce(value: Any, type_name: str, where: str) -> Any:
+def coerce(value: Any, type_name: str, where: str) -> Any:
     """Check a JSON value against a field's annotated type; ints are accepted for floats."""
     if type_name == "bool":
         ok = isinstance(value, bool)

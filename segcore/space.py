@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from segcore.config import TrialConfig
+from segcore.config import TrialConfig, coerce
 from segcore.errors import UserError
 
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
@@ -202,15 +202,19 @@ def fit_depth(depth: int, patch_size: int) -> int:
 
 
 def _check_configs(space: Space) -> None:
-    """Every patch size must fit some depth; the lowest/highest corners must be valid configs."""
+    """Value types, then: every patch size fits some depth; the corners are valid configs."""
+    types = {f.name: f.type for f in fields(TrialConfig)}
+    for name, spec in space.search.items():
+        for value in _grid(spec):
+            coerce(value, types[name], f"{space.source}: search.{name}: config field '{name}'")
+    for name, value in space.fixed.items():
+        coerce(value, types[name], f"{space.source}: fixed: config field '{name}'")
     patches = _grid(space.search["patch_size"]) if "patch_size" in space.search else None
     depths = _grid(space.search["depth"]) if "depth" in space.search else None
     patches = patches or [space.fixed.get("patch_size", TrialConfig.patch_size)]
     depths = depths or [space.fixed.get("depth", TrialConfig.depth)]
     for p in patches:
-        if not isinstance(p, int) or not any(
-            p % 2**d == 0 and p >= 2 * 2**d for d in depths if isinstance(d, int)
-        ):
+        if not any(p % 2**d == 0 and p >= 2 * 2**d for d in depths):
             raise UserError(
                 f"{space.source}: patch_size {p!r}: no depth in {depths} divides it "
                 f"(a patch must be a multiple of 2**depth and at least twice it)"
@@ -226,7 +230,7 @@ def config_from(params: dict[str, Any], space: Space) -> TrialConfig:
     if "patch_size" in values or "depth" in values:
         depth = values.get("depth", TrialConfig.depth)
         patch = values.get("patch_size", TrialConfig.patch_size)
-        if isinstance(depth, int) and isinstance(patch, int):
+        if 1 <= depth <= 6:  # out-of-range depths are left for TrialConfig to reject
             values["depth"] = fit_depth(depth, patch)
     return TrialConfig.from_dict(values, space.source)
 

@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Heartbeat: a killed worker's trial is failed (and retried) once it is silent this long. The
 # grace period is far above any SQLite or network stall, or live trials would be failed.
-HEARTBEAT_S, GRACE_S = 10, 120
+# Tests shorten both through TRAIN_OPTUNA_HEARTBEAT="interval,grace" (seconds).
+HEARTBEAT_S, GRACE_S = (int(v) for v in os.environ.get("TRAIN_OPTUNA_HEARTBEAT", "10,120").split(","))
 DASHBOARD_PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 SLOTS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -226,9 +228,10 @@ def _checkpoint_metas(study: optuna.Study) -> dict[int, tuple[str, str]]:
     return out
 
 
-def store_checkpoint(study, trial_id: int, path: Path, store: FileSystemArtifactStore) -> str:
+def store_checkpoint(study, trial, path: Path, store: FileSystemArtifactStore) -> str:
     """Put a file in the artifact store, listed on the trial's page by optuna-dashboard."""
-    artifact_id = f"{trial_id}-{path.stem}-{int(time.time() * 1000)}"
+    trial_id = trial._trial_id
+    artifact_id = f"trial-{trial.number}-{path.stem}-{uuid.uuid4().hex[:8]}"
     with open(path, "rb") as f:
         store.write(artifact_id, f)
     meta = {"artifact_id": artifact_id, "filename": "checkpoint.pt",
@@ -299,7 +302,7 @@ def make_objective(study: optuna.Study, space: Space, data: tuple[Dataset, Datas
                            extra={"study": study.study_name, "trial": trial.number,
                                   "val_names": val_set.names,
                                   "patch_miou": result.best_patch_miou})  # fmt: skip
-                store_checkpoint(study, trial._trial_id, path, store)
+                store_checkpoint(study, trial, path, store)
         return result.best_patch_miou
 
     return objective

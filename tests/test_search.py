@@ -1,0 +1,160 @@
+"""The search service end to end: real worker processes on a real SQLite file, checked with the
+independent `optuna` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTUNA = str(Path(sys.executable).with_name("optuna"))
+SPACE = """
+search:
+  patch_size: {type: categorical, choices: [16, 32]}
+  depth: {type: int, low: 1, high: 2}
+  lr: {type: float, low: 1.0e-4, high: 0.3, log: true}
+  aug_strength: {type: float, low: 0.0, high: 1.0}
+fixed: {epochs: EPOCHS, steps_per_epoch: STEPS, batch_size: 2, base_width: 4, max_width: 8,
+        val_patches_per_image: 2}
+study:
+  n_trials: 8
+  sampler: {name: random}
+  pruner: {name: asha, args: {min_resource: 1, reduction_factor: 2}}
+  top_k: 2
+"""
+
+
+def env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def cli(cwd, *args, check=True, **kw):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, env=env(), timeout=240,
+                          check=False, **kw)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def trials_via_optuna_cli(cwd, study):
+    out = subprocess.run(
+        [OPTUNA, "trials", "--study-name", study, "--storage", "sqlite:///storage/" + study + ".db",
+         "-f", "json"], cwd=cwd, capture_output=True, text=True, check=True, env=env(),
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def states(trials):
+    out = {}
+    for t in trials:
+        out[t["state"]] = out.get(t["state"], 0) + 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
+    (tmp / "space.yaml").write_text(SPACE.replace("EPOCHS", "4").replace("STEPS", "2"))
+    (tmp / "slow.yaml").write_text(SPACE.replace("EPOCHS", "6").replace("STEPS", "15"))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def searched(workdir):
+    out = cli(workdir, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
+              "--workers", 2, "--quiet")  # fmt: skip
+    assert "best trial" in out.stdout
+    return workdir
+
+
+def test_budget_met_exactly_with_pruning_and_nothing_running(searched):
+    trials = trials_via_optuna_cli(searched, "s")
+    counts = states(trials)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8, counts
+    assert counts.get("PRUNED", 0) >= 1 and counts.get("RUNNING", 0) == 0
+    pids = {t["user_attrs"]["pid"] for t in trials if "pid" in t["user_attrs"]}
+    assert len(pids) == 2  # two worker processes shared the study
+    for t in trials:  # the full config of every trial is in its user attributes
+        assert t["user_attrs"]["config"]["patch_size"] == t["params"]["patch_size"]
+    assert (searched / "storage" / "s" / "worker-0.log").stat().st_size > 0
+
+
+def test_checkpoints_only_for_top_k(searched):
+    trials = trials_via_optuna_cli(searched, "s")
+    done = sorted((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: -t["value"])
+    top = {t["number"] for t in done[:2]}
+    files = list((searched / "storage" / "s" / "artifacts").iterdir())
+    numbers = {int(f.name.split("-")[1]) for f in files}
+    assert numbers == top, (numbers, top)
+
+
+def test_scores_and_best_json_retrain_reproduces(searched):
+    scores = json.loads((searched / "reports" / "s" / "scores.json").read_text())
+    assert len(scores) == 2 and all(0 <= s["miou"] <= 1 for s in scores.values())
+    best = json.loads((searched / "reports" / "s" / "best.json").read_text())
+    assert str(best["trial"]) in scores
+    assert best["full_image_miou"] == max(s["miou"] for s in scores.values())
+    assert set(best) >= {"config", "study", "trial", "patch_miou", "full_image_miou", "params",
+                         "versions"}  # fmt: skip
+    cli(searched, "train", "--config", "reports/s/best.json", "--data", "d", "--out", "re.pt",
+        "--quiet")  # fmt: skip
+    again = torch.load(searched / "re.pt", weights_only=True)["extra"]["patch_miou"]
+    assert abs(again - best["patch_miou"]) <= 0.01, (again, best["patch_miou"])
+
+
+def test_resume_tops_up_to_the_budget(searched):
+    cli(searched, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
+        "--workers", 2, "--n-trials", 10, "--quiet")  # fmt: skip
+    counts = states(trials_via_optuna_cli(searched, "s"))
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 10, counts
+
+
+def test_score_and_export_commands(searched):
+    out = cli(searched, "score", "--study", "s", "--top-k", 1)
+    assert out.stdout.count("full-image mIoU") == 1
+    cli(searched, "export", "--study", "s", "--out", "b2.json")
+    assert json.loads((searched / "b2.json").read_text())["study"] == "s"
+
+
+def test_killed_worker_trial_is_failed_and_retried(workdir):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "slow.yaml",
+         "--study", "k", "--data", "d", "--workers", "2", "--quiet"],
+        cwd=workdir, env=env(TRAIN_OPTUNA_HEARTBEAT="1,4"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    storage = f"sqlite:///{workdir}/storage/k.db"
+    victim, deadline = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="k", storage=storage)
+        except KeyError:
+            continue
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        victim = next(
+            (t for t in running if "pid" in t.user_attrs and len(t.intermediate_values) >= 1), None
+        )
+    assert victim is not None, "no trial started"
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "exited with status -9" in err
+    trials = trials_via_optuna_cli(workdir, "k")
+    by_number = {t["number"]: t for t in trials}
+    assert by_number[victim.number]["state"] == "FAIL"
+    retried = [t for t in trials if t["number"] > victim.number and t["params"] == victim.params]
+    assert retried, "the failed trial was not retried"
+    counts = states(trials)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8 and "RUNNING" not in counts

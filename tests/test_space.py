@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from segcore.errors import UserError
+from segcore.space import fit_depth, load_space, parse_space, suggest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """
+search:
+  patch_size: {type: categorical, choices: [32, 48, 64]}
+  depth: {type: int, low: 2, high: 4}
+  lr: {type: float, low: 1.0e-4, high: 0.1, log: true}
+  aug_strength: {type: float, low: 0.0, high: 1.0, step: 0.25}
+fixed: {epochs: 3, base_width: 8}
+study:
+  n_trials: 5
+  sampler: {name: random}
+  pruner: {name: median, args: {n_startup_trials: 2}}
+  top_k: 2
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_spaces_load():
+    quick = load_space(ROOT / "search_spaces" / "quick.yaml")
+    default = load_space(ROOT / "search_spaces" / "default.yaml")
+    for space in (quick, default):
+        assert {"patch_size", "depth", "lr", "aug_strength"} <= set(space.search)
+    assert quick.n_trials >= 12 and quick.pruner["name"] == "asha"
+    assert max(default.search["patch_size"]["choices"]) == 128
+    assert default.search["depth"]["high"] == 5
+
+
+def test_parse_and_suggest_with_fixed_trial(tmp_path):
+    space = load_space(write(tmp_path, GOOD))
+    assert (
+        space.n_trials == 5 and space.top_k == 2 and space.sampler == {"name": "random", "args": {}}
+    )
+    trial = optuna.trial.FixedTrial({"patch_size": 48, "depth": 4, "lr": 0.01, "aug_strength": 0.5})
+    cfg = suggest(trial, space)
+    assert (cfg.patch_size, cfg.depth, cfg.lr, cfg.aug_strength) == (48, 4, 0.01, 0.5)
+    assert cfg.epochs == 3 and cfg.base_width == 8
+    # 32 carries depth 4: divisible by 16 and a 2x2 bottom
+    cfg = suggest(optuna.trial.FixedTrial({"patch_size": 32, "depth": 4, "lr": 0.01,
+                                           "aug_strength": 0.0}), space)  # fmt: skip
+    assert cfg.depth == 4
+
+
+def test_constraint_met_by_construction():
+    assert fit_depth(4, 48) == 4 and fit_depth(5, 48) == 4 and fit_depth(4, 40) == 3
+    assert fit_depth(3, 24) == 3 and fit_depth(4, 24) == 3  # 24 < 2 * 16: no depth 4
+    space = parse_space(
+        {"search": {"patch_size": {"type": "categorical", "choices": [40, 64]},
+                    "depth": {"type": "int", "low": 2, "high": 4}}}, "s",
+    )  # fmt: skip
+    cfg = suggest(optuna.trial.FixedTrial({"patch_size": 40, "depth": 4}), space)
+    assert cfg.depth == 3 and cfg.patch_size % 2**cfg.depth == 0
+
+
+def test_every_sampled_trial_is_valid(tmp_path):
+    space = load_space(ROOT / "search_spaces" / "quick.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        cfg = suggest(study.ask(), space)
+        assert cfg.patch_size % 2**cfg.depth == 0 and cfg.patch_size >= 2 * 2**cfg.depth
+
+
+BAD = [
+    ("search: [1, 2", "not valid YAML at line"),
+    ("- a\n- b", "must be a mapping"),
+    ("search: {}", "'search' must map config fields"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nextra: 1", "unknown section 'extra'"),
+    ("search: {lrr: {type: float, low: 0.1, high: 0.2}}", "unknown config field 'lrr'"),
+    ("search: {lr: {type: float, low: 0.2, high: 0.1}}", "search.lr: low \\(0.2\\) must not exceed"),
+    ("search: {lr: {type: float, low: 1e-4, high: 0.1}}", "search.lr.low: '1e-4' is a string"),
+    ("search: {lr: {type: float, low: abc, high: 0.1}}", "search.lr.low: must be a finite float"),
+    ("search: {lr: {type: real, low: 0.1, high: 0.2}}", "search.lr: must be {type: float"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2, lg: true}}", "unknown key 'lg'"),
+    ("search: {lr: {type: float, low: 0.0, high: 0.2, log: true}}", "log scale needs low > 0"),
+    ("search: {lr: {type: float, high: 0.2}}", "search.lr: needs 'low'"),
+    ("search: {depth: {type: int, low: 1.5, high: 3}}", "search.depth.low: must be a finite int"),
+    ("search: {depth: {type: int, low: 1, high: 9}}", "field 'depth': must be from 1 to 6"),
+    ("search: {arch: {type: categorical, choices: []}}", "choices: must be a non-empty list"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nfixed: {lr: 0.1}", "both searched and fixed"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nfixed: {depth: '3'}", "'depth': must be of type int"),
+    ("search: {seed: {type: int, low: 0, high: 3}}", "'seed' cannot be searched"),
+    (
+        "search: {patch_size: {type: categorical, choices: [36]}, depth: {type: int, low: 3, high: 4}}",
+        "patch_size 36: no depth in \\[3, 4\\] divides it",
+    ),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nstudy: {n_trials: 0}", "n_trials: must be at least 1"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nstudy: {sampler: grid}", "sampler.name: must be one of"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nstudy: {pruner: {name: asha, foo: 1}}", "only 'name' and 'args'"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nstudy: {budget: 3}", "unknown key 'study.budget'"),
+    ("search: {lr: {type: float, low: 0.1, high: 0.2}}\nstudy: {metric: loss}", "only patch_miou"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_validation_errors_name_file_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError, match=message) as info:
+        load_space(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="search space file not found"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_sampler_and_pruner_args_are_checked(tmp_path):
+    from segcore.study import build_pruner, build_sampler
+
+    space = load_space(write(tmp_path, GOOD.replace("n_startup_trials: 2", "bogus: 2")))
+    with pytest.raises(UserError, match="study.pruner.args"):
+        build_pruner(space)
+    assert isinstance(build_sampler(space, 0), optuna.samplers.RandomSampler)
