@@ -148,7 +148,7 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
         )
     assert victim is not None, "no trial started"
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
-    out, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     assert "exited with status -9" in err
     trials = trials_via_optuna_cli(workdir, "k")
