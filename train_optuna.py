@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -336,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet_optuna(verbose=args.command == "worker")
+    # SIGTERM (a scheduler, `kill`) stops search and workers the way Ctrl-C does; SIGINT is
+    # restored too, because a shell starts background jobs with it ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except UserError as e:

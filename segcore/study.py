@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sqlite3
 import tempfile
@@ -39,7 +40,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # Heartbeat: a killed worker's trial is failed (and retried) once it is silent this long. The
 # grace period is far above any SQLite or network stall, or live trials would be failed.
 # Tests shorten both through TRAIN_OPTUNA_HEARTBEAT="interval,grace" (seconds).
-HEARTBEAT_S, GRACE_S = (int(v) for v in os.environ.get("TRAIN_OPTUNA_HEARTBEAT", "10,120").split(","))
+HEARTBEAT_S, GRACE_S = (
+    int(v) for v in os.environ.get("TRAIN_OPTUNA_HEARTBEAT", "10,120").split(",")
+)
 DASHBOARD_PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 SLOTS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -263,7 +266,22 @@ class OverBudget(Exception):
     """Another worker took the last trial slot between this worker's check and its ask."""
 
 
-def make_objective(study: optuna.Study, space: Space, data: tuple[Dataset, Dataset], store):
+class Interrupts:
+    """SIGINT/SIGTERM in a worker: interrupt the trial being trained, so that it ends FAIL with a
+    reason; between trials only note the request, so optuna's own bookkeeping is never cut."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_training = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.in_training:
+            self.in_training = False  # one interrupt per trial
+            raise KeyboardInterrupt
+
+
+def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, interrupts):
     train_set, val_set = data
 
     def objective(trial: optuna.Trial) -> float:
@@ -285,6 +303,9 @@ def make_objective(study: optuna.Study, space: Space, data: tuple[Dataset, Datas
                 raise optuna.TrialPruned
 
         try:
+            interrupts.in_training = True
+            if interrupts.requested:
+                raise KeyboardInterrupt
             result = train(cfg, train_set, val_set, on_epoch=on_epoch, progress=False)
         except DivergedError as e:
             trial.set_user_attr("fail_reason", f"diverged: {e}")
@@ -292,6 +313,11 @@ def make_objective(study: optuna.Study, space: Space, data: tuple[Dataset, Datas
         except torch.OutOfMemoryError as e:
             trial.set_user_attr("fail_reason", f"out of memory: {str(e).splitlines()[0][:200]}")
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
+            raise
+        finally:
+            interrupts.in_training = False
         trial.set_user_attr("best_epoch", result.best_epoch)
         top = top_trials(study, space.top_k)
         if len(top) < space.top_k or result.best_patch_miou > top[-1].value:
@@ -316,9 +342,14 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
     store_dir = artifact_dir(name)
     store_dir.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(store_dir))
-    objective = make_objective(study, space, data, store)
+    interrupts = Interrupts()
+    signal.signal(signal.SIGINT, interrupts)
+    signal.signal(signal.SIGTERM, interrupts)
+    objective = make_objective(study, space, data, store, interrupts)
     catch = (DivergedError, torch.OutOfMemoryError, OverBudget)
     while True:
+        if interrupts.requested:
+            return 130
         states = counts(study)
         if states["complete"] + states["pruned"] >= budget(study):
             return 0
@@ -329,6 +360,8 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
             continue
         try:
             study.optimize(objective, n_trials=1, catch=catch)
+        except KeyboardInterrupt:  # the trial is FAIL with its reason; stop here
+            return 130
         except RuntimeError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
             log.warning("trial could not be told (%s); going on", e)
         drop_checkpoints(study, space.top_k, store)

@@ -64,7 +64,10 @@ class Launcher:
         cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name, "--storage", self.url,
                "--seed", str(1000 * (self.restarts[i] + 1) + i)]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
-        self.procs[i] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # own session: a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
+        self.procs[i] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
 
     def run(self) -> int:

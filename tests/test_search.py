@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -61,12 +62,38 @@ def states(trials):
     return out
 
 
+def study_exists(db, study):
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+            rows = con.execute("SELECT 1 FROM studies WHERE study_name = ?", (study,)).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return False
+    return bool(rows)
+
+
+def wait_running(workdir, study, enough, timeout=60):
+    """Poll the study until `enough(running trials)` holds; returns those trials."""
+    db = workdir / "storage" / f"{study}.db"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if not study_exists(db, study):  # read-only check: never races table creation
+            continue
+        s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
+        running = s.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        if enough(running):
+            return running
+    raise AssertionError(f"study {study}: trials did not start")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
     (tmp / "space.yaml").write_text(SPACE.replace("EPOCHS", "4").replace("STEPS", "2"))
-    (tmp / "slow.yaml").write_text(SPACE.replace("EPOCHS", "6").replace("STEPS", "15"))
+    (tmp / "slow.yaml").write_text(SPACE.replace("EPOCHS", "20").replace("STEPS", "40"))
     return tmp
 
 
@@ -134,19 +161,10 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
         cwd=workdir, env=env(TRAIN_OPTUNA_HEARTBEAT="1,4"), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    storage = f"sqlite:///{workdir}/storage/k.db"
-    victim, deadline = None, time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="k", storage=storage)
-        except KeyError:
-            continue
-        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        victim = next(
-            (t for t in running if "pid" in t.user_attrs and len(t.intermediate_values) >= 1), None
-        )
-    assert victim is not None, "no trial started"
+    running = wait_running(
+        workdir, "k", lambda ts: any("pid" in t.user_attrs and t.intermediate_values for t in ts)
+    )
+    victim = next(t for t in running if "pid" in t.user_attrs and t.intermediate_values)
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
@@ -157,4 +175,30 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
     retried = [t for t in trials if t["number"] > victim.number and t["params"] == victim.params]
     assert retried, "the failed trial was not retried"
     counts = states(trials)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8 and "RUNNING" not in counts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
+    study = f"i{int(sig)}"
+    args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "slow.yaml",
+            "--study", study, "--data", "d", "--workers", "2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=workdir, env=env(), stderr=subprocess.PIPE, text=True)
+    running = wait_running(
+        workdir, study, lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts)
+    )
+    pids = {t.user_attrs.get("pid") for t in running}
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30 and proc.returncode == 130, err[-2000:]
+    for pid in pids:  # every worker process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    trials = trials_via_optuna_cli(workdir, study)
+    assert "RUNNING" not in states(trials)
+    reasons = {t["user_attrs"].get("fail_reason") for t in trials if t["state"] == "FAIL"}
+    assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
+    cli(workdir, "search", "--space", "slow.yaml", "--study", study, "--data", "d", "--quiet")
+    counts = states(trials_via_optuna_cli(workdir, study))
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8 and "RUNNING" not in counts
