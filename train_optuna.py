@@ -16,7 +16,6 @@ from pathlib import Path
 
 from segcore.errors import UserError
 
-DEFAULT_DATA_SEED = 0  # the synthetic data set used when --data is not given
 EVAL_DATA_SEED = 1  # evaluate's default: other images from the same generator
 
 
@@ -27,14 +26,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def load_data(folder: str | None, seed: int = DEFAULT_DATA_SEED):
-    """A labelled folder, or the synthetic data set of `seed` when no folder is given."""
-    from segcore import data
+def load_data(folder: str | None):
+    """A labelled folder, or (saying so) the default synthetic data set."""
+    from segcore.data import DEFAULT_SYNTHETIC, dataset_from
 
     if folder is None:
-        print(f"note: no --data given; using 100 synthetic images (seed {seed})", file=sys.stderr)
-        return data.synthetic_dataset(100, seed)
-    return data.load_folder(folder)
+        n, seed = DEFAULT_SYNTHETIC
+        print(f"note: no --data given; using {n} synthetic images (seed {seed})", file=sys.stderr)
+    return dataset_from(folder)
 
 
 def cmd_data(args) -> int:
@@ -73,7 +72,7 @@ def cmd_train(args) -> int:
     model.load_state_dict(result.state_dict)
     scores = evaluate(model, val_set, cfg, progress=not args.quiet)
     extra = {
-        "data": str(args.data) if args.data else f"synthetic:{DEFAULT_DATA_SEED}",
+        "data": str(args.data) if args.data else "synthetic",
         "val_names": val_set.names,
         "best_epoch": result.best_epoch,
         "patch_miou": result.best_patch_miou,
@@ -168,12 +167,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _study_args(args) -> tuple[str, str]:
+def _study_args(args, create: bool = False) -> tuple[str, str]:
+    """(study name, storage URL); only `search` may create the default SQLite file."""
     from segcore.study import check_name, storage_url
 
     name = check_name(args.study)
     if args.storage is None:
-        Path("storage").mkdir(exist_ok=True)
+        if create:
+            Path("storage").mkdir(exist_ok=True)
+        elif not Path(f"storage/{name}.db").exists():
+            raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
     return name, storage_url(name, args.storage)
 
 
@@ -203,7 +206,7 @@ def cmd_search(args) -> int:
     if args.data:
         load_folder(args.data)  # every file checked before any worker starts
         data = str(Path(args.data).resolve())
-    name, url = _study_args(args)
+    name, url = _study_args(args, create=True)
     create_study(name, url, space, data, args.n_trials)
     print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/",
           file=sys.stderr)  # fmt: skip
@@ -215,6 +218,44 @@ def cmd_search(args) -> int:
     best = json.loads(path.read_text())
     print(f"best trial {best['trial']}: full-image mIoU {best['full_image_miou']:.4f}, "
           f"patch mIoU {best['patch_miou']:.4f}; wrote {path}")  # fmt: skip
+    return cmd_report(args)
+
+
+def cmd_report(args) -> int:
+    from segcore.report import write_report
+    from segcore.study import load_study, open_storage, reports_dir
+
+    name, url = _study_args(args)
+    study, _ = load_study(name, open_storage(url), seed=None)
+    index = write_report(study, reports_dir(name), progress=not args.quiet)
+    print(f"wrote {index}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    from segcore.study import artifact_dir, load_study, mask_url, open_storage
+
+    name, url = _study_args(args)
+    storage = open_storage(url)
+    load_study(name, storage, seed=None)  # a clear error for a study that is not there
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host}: optuna-dashboard has no authentication and can "
+              f"change the study; anyone who can reach this address can", file=sys.stderr)  # fmt: skip
+    artifact_dir(name).mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifact_dir(name)))
+    print(f"dashboard of study {name} ({mask_url(url)}): http://{args.host}:{args.port}/ "
+          f"(Ctrl-C stops it)", flush=True)  # fmt: skip
+    try:
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    except OSError as e:
+        raise UserError(
+            f"--port {args.port}: cannot listen on {args.host} ({e.strerror})"
+        ) from None
     return 0
 
 
@@ -295,6 +336,7 @@ def build_parser() -> Parser:
         p.add_argument("--study", required=True, help="study name (letters, digits, _ - .)")
         p.add_argument("--storage", help=storage_help)
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--verbose", action="store_true", help="optuna's own log lines too")
 
     p = sub.add_parser("search", help="create or resume a study, run it to budget, rescore, export")
     p.add_argument("--space", required=True, help="search-space YAML (search_spaces/quick.yaml)")
@@ -316,6 +358,16 @@ def build_parser() -> Parser:
     p.add_argument("--top-k", type=int, help="how many trials (default: the space's top_k)")
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("report", help="plots, top-trials table, prediction panels, index.html")
+    study_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on this study and its artifacts")
+    study_options(p)
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("export", help="best-config JSON of the best trial by full-image mIoU")
     study_options(p)
     p.add_argument("--out", help="file to write (default reports/NAME/best.json)")
@@ -336,7 +388,7 @@ def quiet_optuna(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    quiet_optuna(verbose=args.command == "worker")
+    quiet_optuna(verbose=args.command == "worker" or getattr(args, "verbose", False))
     # SIGTERM (a scheduler, `kill`) stops search and workers the way Ctrl-C does; SIGINT is
     # restored too, because a shell starts background jobs with it ignored
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -337,6 +337,14 @@ def synthetic_dataset(n: int = 100, seed: int = 0, height: int = 400, width: int
     return Dataset(images, [m for _, m in pairs], names, SYNTHETIC_CLASSES, list(SYNTHETIC_PALETTE))
 
 
+DEFAULT_SYNTHETIC = (100, 0)  # images, seed: the data set of every command run without --data
+
+
+def dataset_from(folder: str | Path | None) -> Dataset:
+    """A labelled folder, or the default synthetic data set when no folder is given."""
+    return synthetic_dataset(*DEFAULT_SYNTHETIC) if folder is None else load_folder(folder)
+
+
 def write_synthetic(
     out: str | Path, n: int, seed: int, height: int = 400, width: int = 200
 ) -> None:

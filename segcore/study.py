@@ -27,10 +27,11 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from segcore.config import TrialConfig
-from segcore.data import Dataset, load_folder, split, synthetic_dataset
+from segcore.data import Dataset, dataset_from, split
 from segcore.errors import DivergedError, UserError
 from segcore.files import atomic_write, load_model, save_model, write_text
-from segcore.infer import evaluate
+from segcore.infer import evaluate, predict_probs
+from segcore.pictures import prediction_panel
 from segcore.space import Space, parse_space, suggest
 from segcore.train import train
 
@@ -195,8 +196,7 @@ def load_study(name: str, storage, seed: int | None):
 
 def study_data(study: optuna.Study, space: Space) -> tuple[Dataset, Dataset]:
     """(train, validation) split of the study's data, the same for every trial and worker."""
-    folder = study.user_attrs.get("data")
-    dataset = synthetic_dataset(100, 0) if folder is None else load_folder(folder)
+    dataset = dataset_from(study.user_attrs.get("data"))
     cfg = TrialConfig.from_dict(
         {k: v for k, v in space.fixed.items() if k in ("seed", "val_fraction")}
     )
@@ -219,29 +219,47 @@ def counts(study: optuna.Study) -> dict[str, int]:
 # --- checkpoints in the artifact store -----------------------------------------------------------
 
 
-def _checkpoint_metas(study: optuna.Study) -> dict[int, tuple[str, str]]:
-    """trial_id -> (attribute key, artifact id) of each live checkpoint."""
-    out = {}
+def trial_artifacts(study: optuna.Study) -> list[tuple[int, str, dict]]:
+    """(trial_id, attribute key, meta) of every live artifact attached to a trial."""
+    out = []
     for key, value in study._storage.get_study_system_attrs(study._study_id).items():
         if key.startswith(DASHBOARD_PREFIX) and value not in (None, "null"):
             meta = json.loads(value)
-            if meta and meta.get("filename") == "checkpoint.pt":
-                trial_id = int(key[len(DASHBOARD_PREFIX) :].split(":")[0])
-                out[trial_id] = (key, meta["artifact_id"])
+            if meta:
+                out.append((int(key[len(DASHBOARD_PREFIX) :].split(":")[0]), key, meta))
     return out
 
 
-def store_checkpoint(study, trial, path: Path, store: FileSystemArtifactStore) -> str:
-    """Put a file in the artifact store, listed on the trial's page by optuna-dashboard."""
-    trial_id = trial._trial_id
+def _checkpoint_metas(study: optuna.Study) -> dict[int, tuple[str, str]]:
+    """trial_id -> (attribute key, artifact id) of each live checkpoint."""
+    return {
+        trial_id: (key, meta["artifact_id"])
+        for trial_id, key, meta in trial_artifacts(study)
+        if meta.get("filename") == "checkpoint.pt"
+    }
+
+
+def store_artifact(study, trial, path: Path, store, mimetype: str) -> str:
+    """Put a file in the artifact store, listed on the trial's page by optuna-dashboard.
+
+    The listing lives in the study's system attributes under the dashboard's per-trial key
+    (not the trial's own, which freeze when it finishes), so rescoring can attach pictures to
+    finished trials and a checkpoint that drops out of the top K can be unlisted.
+    """
     artifact_id = f"trial-{trial.number}-{path.stem}-{uuid.uuid4().hex[:8]}"
     with open(path, "rb") as f:
         store.write(artifact_id, f)
-    meta = {"artifact_id": artifact_id, "filename": "checkpoint.pt",
-            "mimetype": "application/octet-stream", "encoding": None}  # fmt: skip
-    key = f"{DASHBOARD_PREFIX}{trial_id}:{artifact_id}"
+    meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": mimetype,
+            "encoding": None}  # fmt: skip
+    key = f"{DASHBOARD_PREFIX}{trial._trial_id}:{artifact_id}"
     study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
     return artifact_id
+
+
+def remove_artifact(study, key: str, artifact_id: str, store) -> None:
+    with contextlib.suppress(ArtifactNotFound):  # another process removed it first
+        store.remove(artifact_id)
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -254,9 +272,7 @@ def drop_checkpoints(study: optuna.Study, top_k: int, store: FileSystemArtifactS
     keep = {t._trial_id for t in top_trials(study, top_k)}
     for trial_id, (key, artifact_id) in _checkpoint_metas(study).items():
         if trial_id not in keep:
-            with contextlib.suppress(ArtifactNotFound):  # another worker removed it first
-                store.remove(artifact_id)
-            study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
+            remove_artifact(study, key, artifact_id, store)
 
 
 # --- the objective -------------------------------------------------------------------------------
@@ -328,7 +344,7 @@ def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, in
                            extra={"study": study.study_name, "trial": trial.number,
                                   "val_names": val_set.names,
                                   "patch_miou": result.best_patch_miou})  # fmt: skip
-                store_checkpoint(study, trial, path, store)
+                store_artifact(study, trial, path, store, "application/octet-stream")
         return result.best_patch_miou
 
     return objective
@@ -384,6 +400,10 @@ def score(name: str, url: str, top_k: int | None = None, progress: bool = True) 
     if not top:
         raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
     _, val_set = study_data(study, space)
+    keep = {f"trial-{t.number}-" for t in top}
+    for old in (reports_dir(name) / "panels").glob("trial-*.png"):  # trials no longer rescored
+        if not any(old.name.startswith(k) for k in keep):
+            old.unlink()
     scores = {}
     for t in top:
         with tempfile.TemporaryDirectory() as tmp:
@@ -393,11 +413,36 @@ def score(name: str, url: str, top_k: int | None = None, progress: bool = True) 
             model, payload = load_model(path)
         result = evaluate(model, val_set, payload["config"], progress=progress)
         scores[str(t.number)] = {"patch_miou": t.value, **result}
+        attach_panels(study, t, model, payload, val_set, result["miou"], store)
         log.info("trial %d: patch mIoU %.4f, full-image mIoU %.4f", t.number, t.value,
                  result["miou"])  # fmt: skip
     study.set_user_attr("full_image_scores", scores)
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+PANEL_IMAGES = 3  # prediction pictures per rescored trial
+
+
+def attach_panels(study, trial, model, payload, val_set: Dataset, miou: float, store) -> None:
+    """Prediction panels of a few validation images: trial artifacts and reports/NAME/panels/."""
+    for trial_id, key, meta in trial_artifacts(study):  # rescoring replaces the old pictures
+        if trial_id == trial._trial_id and meta.get("filename", "").startswith("prediction-"):
+            remove_artifact(study, key, meta["artifact_id"], store)
+    cfg, panels = payload["config"], reports_dir(study.study_name) / "panels"
+    names = ", ".join(payload["classes"])
+    for i in range(min(PANEL_IMAGES, len(val_set.images))):
+        image, name = val_set.images[i], val_set.names[i]
+        probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
+                              gaussian=cfg.gaussian, tta=cfg.tta).cpu().numpy()  # fmt: skip
+        title = f"trial {trial.number}: full-image mIoU {miou:.4f} ({names}) - {name}"
+        path = panels / f"trial-{trial.number}-{name}.png"
+        prediction_panel(path, image, probs, payload["classes"], payload["palette"],
+                         val_set.masks[i], title=title)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            upload = Path(tmp) / f"prediction-{name}.png"
+            upload.write_bytes(path.read_bytes())
+            store_artifact(study, trial, upload, store, "image/png")
 
 
 def export(name: str, url: str, out: str | Path | None = None) -> Path:

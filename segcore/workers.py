@@ -85,6 +85,12 @@ class Launcher:
             print("stopped: run the same command again to resume", file=sys.stderr)
             return 130
         self.progress(started, final=True)
+        c = counts(self.study)
+        if c["complete"] + c["pruned"] < budget(self.study):
+            raise UserError(
+                f"--study {self.name}: every worker stopped before the budget was met; "
+                f"see {self.log_dir}/worker-*.log"
+            )
         return 0
 
     def supervise(self) -> None:

@@ -18,11 +18,11 @@ TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_s
         "epochs": 2, "steps_per_epoch": 3, "val_patches_per_image": 4, "aug_strength": 0.5}  # fmt: skip
 
 
-def run(*args, ok=True):
+def run(*args, ok=True, cwd=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        capture_output=True, text=True, env=env, timeout=300, check=False, cwd=cwd,
     )  # fmt: skip
     if ok:
         assert proc.returncode == 0, proc.stderr
@@ -100,6 +100,25 @@ def _evil(path):
         (["data", "--out", "{t}/data"], "data: folder exists and is not empty"),
         (["data", "--out", "{t}/d2", "--n", "0"], "--n: must be at least 1"),
         (["train"], "the following arguments are required: --config, --out"),
+        (["score", "--study", "nope-study"], "storage/nope-study.db not found"),
+        (
+            ["search", "--space", "{q}", "--study", "x", "--workers", "0"],
+            "--workers: must be at least 1",
+        ),
+        (
+            ["search", "--space", "{q}", "--study", "x", "--gpus", "7"],
+            "--gpus: GPU 7 does not exist",
+        ),
+        (
+            ["search", "--space", "{t}/none.yaml", "--study", "x"],
+            "none.yaml: search space file not found",
+        ),
+        (["search", "--space", "{q}", "--study", "../up"], "no path separators or '..'"),
+        (
+            ["search", "--space", "{q}", "--study", "x", "--data", "{t}/none"],
+            "none: data folder not found",
+        ),
+        (["check", "--space", "{t}/cfg.json"], "cfg.json: unknown section 'depth'"),
         (["data", "--out", "{t}/d3", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -107,7 +126,8 @@ def test_errors_are_one_line_exit_2_and_write_nothing(trained, args, message):
     (trained / "bad.json").write_text(json.dumps({**TINY, "depth": 9}))
     _evil(trained / "evil.pt")
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
-    proc = run(*[a.format(t=trained) for a in args], ok=False)
+    quick = ROOT / "search_spaces" / "quick.yaml"
+    proc = run(*[a.format(t=trained, q=quick) for a in args], ok=False, cwd=trained)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr

@@ -182,7 +182,7 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
 def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
     study = f"i{int(sig)}"
     args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "slow.yaml",
-            "--study", study, "--data", "d", "--workers", "2", "--quiet"]  # fmt: skip
+            "--study", study, "--data", "d", "--workers", "2", "--n-trials", "4", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=workdir, env=env(), stderr=subprocess.PIPE, text=True)
     running = wait_running(
         workdir, study, lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts)
@@ -201,4 +201,4 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
     assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
     cli(workdir, "search", "--space", "slow.yaml", "--study", study, "--data", "d", "--quiet")
     counts = states(trials_via_optuna_cli(workdir, study))
-    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8 and "RUNNING" not in counts
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and "RUNNING" not in counts

@@ -1,0 +1,123 @@
+"""The study report: optuna's plots as PNG, the top-trials table, prediction panels, index.html."""
+
+from __future__ import annotations
+
+import html
+import json
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from segcore.errors import UserError
+from segcore.files import atomic_write, write_text
+
+PLOTS = [
+    ("history.png", "Optimization history", "plot_optimization_history"),
+    ("intermediate.png", "Patch mIoU per epoch (the pruning view)", "plot_intermediate_values"),
+    ("importances.png", "Parameter importances", "plot_param_importances"),
+    ("parallel.png", "Parallel coordinates", "plot_parallel_coordinate"),
+    ("slice.png", "Slice plots", "plot_slice"),
+]
+
+
+def _save_plot(study: optuna.Study, function: str, path: Path) -> str | None:
+    """Draw one of optuna's matplotlib plots to PNG; returns why not, when it cannot be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # these plots are marked experimental
+        try:
+            axes = getattr(vis, function)(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            plt.close("all")
+            return str(e).splitlines()[0] if str(e) else type(e).__name__
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    fig = first.figure
+    fig.set_size_inches(max(fig.get_figwidth(), 8), max(fig.get_figheight(), 4.5))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close("all")
+    return None
+
+
+def top_table(study: optuna.Study, scores: dict, limit: int = 10) -> list[dict]:
+    """Rows of the best finished trials by patch mIoU: params, scores, epochs run, state."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    ranked = sorted(finished, key=lambda t: (-(t.value if t.value is not None else -1), t.number))
+    return [
+        {
+            "trial": t.number,
+            "state": t.state.name,
+            "patch_miou": t.value,
+            "full_image_miou": scores.get(str(t.number), {}).get("miou"),
+            "epochs_run": len(t.intermediate_values),
+            "params": t.params,
+        }
+        for t in ranked[:limit]
+    ]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _index_html(name: str, plots: list[tuple[str, str, str | None]], rows: list[dict],
+                panels: list[str]) -> str:  # fmt: skip
+    params = sorted({p for r in rows for p in r["params"]})
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in
+                   ["trial", "state", "patch mIoU", "full-image mIoU", "epochs", *params])  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in
+                         [r["trial"], r["state"], r["patch_miou"], r["full_image_miou"],
+                          r["epochs_run"], *(r["params"].get(p) for p in params)]) + "</tr>"
+        for r in rows
+    )  # fmt: skip
+    figures = "".join(
+        f'<figure><figcaption>{html.escape(title)}</figcaption><img src="{file}" alt="{title}">'
+        f"</figure>"
+        if why is None
+        else f"<p>{html.escape(title)}: not drawn ({html.escape(why)})</p>"
+        for file, title, why in plots
+    )
+    pictures = "".join(
+        f'<figure><img src="{html.escape(p)}" alt="{html.escape(p)}"></figure>' for p in panels
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>train_optuna report: {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+figure{{margin:1em 0}}figcaption{{font-weight:bold}}</style></head><body>
+<h1>Study {html.escape(name)}</h1>
+<h2>Top trials</h2><table><tr>{head}</tr>{body}</table>
+<h2>Plots</h2>{figures}
+<h2>Predictions of the rescored trials</h2>{pictures or "<p>no rescored trial yet</p>"}
+</body></html>
+"""
+
+
+def write_report(study: optuna.Study, out: Path, progress: bool = True) -> Path:
+    """Write plots, table.json, and index.html under `out`; panels are already in out/panels."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if not finished:
+        raise UserError(f"--study {study.study_name!r}: no finished trial yet; nothing to report")
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for file, title, function in tqdm(PLOTS, disable=not progress, desc="report"):
+        plots.append((file, title, _save_plot(study, function, out / file)))
+    scores = study.user_attrs.get("full_image_scores", {})
+    rows = top_table(study, scores)
+    write_text(out / "table.json", json.dumps(rows, indent=2) + "\n")
+    panels = sorted(p.relative_to(out).as_posix() for p in (out / "panels").glob("*.png"))
+    write_text(out / "index.html", _index_html(study.study_name, plots, rows, panels))
+    return out / "index.html"
