@@ -195,12 +195,14 @@ def cmd_search(args) -> int:
     from segcore.study import create_study, export, mask_url, score
     from segcore.workers import Launcher, parse_gpus
 
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be at least 1, got {args.workers}")
+    if args.workers_per_gpu < 1:
+        raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
     gpus = parse_gpus(args.gpus)
-    n_workers = args.workers if not gpus else max(args.workers, len(gpus) * args.workers_per_gpu)
+    n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
     space = load_space(args.space)
     data = None
     if args.data:
@@ -213,7 +215,7 @@ def cmd_search(args) -> int:
     code = Launcher(name, url, n_workers, gpus, args.quiet).run()
     if code:
         return code
-    score(name, url, progress=not args.quiet)
+    print_scores(score(name, url, progress=not args.quiet))
     path = export(name, url)
     best = json.loads(path.read_text())
     print(f"best trial {best['trial']}: full-image mIoU {best['full_image_miou']:.4f}, "
@@ -250,12 +252,13 @@ def cmd_dashboard(args) -> int:
           f"(Ctrl-C stops it)", flush=True)  # fmt: skip
     try:
         run_server(storage, host=args.host, port=args.port, artifact_store=store)
-    except KeyboardInterrupt:
-        print("dashboard stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # bottle usually catches Ctrl-C itself and returns
+        pass
     except OSError as e:
         raise UserError(
             f"--port {args.port}: cannot listen on {args.host} ({e.strerror})"
         ) from None
+    print("dashboard stopped", file=sys.stderr)
     return 0
 
 
@@ -277,10 +280,13 @@ def cmd_score(args) -> int:
     from segcore.study import score
 
     name, url = _study_args(args)
-    scores = score(name, url, args.top_k, progress=not args.quiet)
+    print_scores(score(name, url, args.top_k, progress=not args.quiet))
+    return 0
+
+
+def print_scores(scores: dict) -> None:
     for number, s in scores.items():
         print(f"trial {number}: patch mIoU {s['patch_miou']:.4f}, full-image mIoU {s['miou']:.4f}")
-    return 0
 
 
 def cmd_export(args) -> int:
@@ -343,7 +349,8 @@ def build_parser() -> Parser:
     study_options(p)
     p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
     p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--workers", type=int,
+                   help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
     p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
     p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     p.set_defaults(func=cmd_search)

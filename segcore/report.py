@@ -32,17 +32,17 @@ def _save_plot(study: optuna.Study, function: str, path: Path) -> str | None:
     from optuna.visualization import matplotlib as vis
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # these plots are marked experimental
+        warnings.simplefilter("ignore")  # experimental plots; categorical axes; tight_layout
         try:
             axes = getattr(vis, function)(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             plt.close("all")
             return str(e).splitlines()[0] if str(e) else type(e).__name__
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    fig = first.figure
-    fig.set_size_inches(max(fig.get_figwidth(), 8), max(fig.get_figheight(), 4.5))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        fig = first.figure
+        fig.set_size_inches(max(fig.get_figwidth(), 8), max(fig.get_figheight(), 4.5))
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close("all")
     return None
 

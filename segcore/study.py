@@ -246,7 +246,7 @@ def store_artifact(study, trial, path: Path, store, mimetype: str) -> str:
     (not the trial's own, which freeze when it finishes), so rescoring can attach pictures to
     finished trials and a checkpoint that drops out of the top K can be unlisted.
     """
-    artifact_id = f"trial-{trial.number}-{path.stem}-{uuid.uuid4().hex[:8]}"
+    artifact_id = str(uuid.uuid4())  # the dashboard serves only ids of hex digits and dashes
     with open(path, "rb") as f:
         store.write(artifact_id, f)
     meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": mimetype,
@@ -414,8 +414,6 @@ def score(name: str, url: str, top_k: int | None = None, progress: bool = True) 
         result = evaluate(model, val_set, payload["config"], progress=progress)
         scores[str(t.number)] = {"patch_miou": t.value, **result}
         attach_panels(study, t, model, payload, val_set, result["miou"], store)
-        log.info("trial %d: patch mIoU %.4f, full-image mIoU %.4f", t.number, t.value,
-                 result["miou"])  # fmt: skip
     study.set_user_attr("full_image_scores", scores)
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores

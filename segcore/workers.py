@@ -56,6 +56,7 @@ class Launcher:
         self.log_dir = Path("storage") / name
         self.procs: list[subprocess.Popen | None] = [None] * n_workers
         self.restarts = [0] * n_workers
+        self.printed = float("-inf")
         self.study = optuna.load_study(study_name=name, storage=open_storage(url))
 
     def start(self, i: int) -> None:
@@ -139,6 +140,9 @@ class Launcher:
             f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running; best patch mIoU "
             f"{best}; {time.monotonic() - started:.0f} s"
         )
-        end = "\n" if final or not sys.stderr.isatty() else ""
-        if final or sys.stderr.isatty() or int(time.monotonic() - started) % 30 == 0:
-            print(("\r" if sys.stderr.isatty() else "") + line, end=end, file=sys.stderr)
+        tty = sys.stderr.isatty()
+        if final or tty or time.monotonic() - self.printed >= 30:  # a log file gets a line a 30 s
+            self.printed = time.monotonic()
+            print(
+                ("\r" if tty else "") + line, end="\n" if final or not tty else "", file=sys.stderr
+            )

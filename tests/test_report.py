@@ -110,11 +110,13 @@ def test_report_without_finished_trials_is_a_clear_error(study_dir):
 class Dashboard:
     def __init__(self, cwd, study):
         self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "train_optuna.py"), "dashboard", "--study", study,
-             "--port", str(self.port)], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        # a file, not a pipe: the access log of hundreds of requests would fill a pipe and block
+        self.log = cwd / f"dashboard-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "train_optuna.py"), "dashboard", "--study", study,
+                 "--port", str(self.port)], cwd=cwd, env=env(), stdout=log, stderr=log,
+            )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -122,7 +124,7 @@ class Dashboard:
                 urllib.request.urlopen(self.url + "/api/studies", timeout=2).read()
                 return
             except OSError:
-                assert self.proc.poll() is None, self.proc.communicate()[1]
+                assert self.proc.poll() is None, self.log.read_text()
                 time.sleep(0.3)
         raise AssertionError("dashboard did not start")
 
@@ -131,8 +133,8 @@ class Dashboard:
 
     def stop(self):
         self.proc.send_signal(2)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
+        self.proc.wait(timeout=30)
+        return self.proc.returncode, self.log.read_text()
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
@@ -142,7 +144,7 @@ def test_dashboard_in_a_real_browser(study_dir):
     best = json.loads((study_dir / "reports" / "r" / "best.json").read_text())
     dash = Dashboard(study_dir, "r")
     try:
-        study_id = dash.get("/api/studies")["studies"][0]["study_id"]
+        study_id = dash.get("/api/studies")["study_summaries"][0]["study_id"]
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=CHROMIUM,
@@ -156,11 +158,11 @@ def test_dashboard_in_a_real_browser(study_dir):
             numbers = {int(t.split()[1]) for t in items.all_inner_texts()}
             assert numbers == set(range(6)), numbers
             page.goto(f"{dash.url}/dashboard/studies/{study_id}/trials?numbers={best['trial']}")
-            img = page.locator("img[src*='prediction']").first
-            img.wait_for(timeout=30_000)
+            page.get_by_text(re.compile(r"^prediction-.*\.png$")).first.wait_for(timeout=30_000)
+            img = page.locator("img[src*='/artifacts/']").first
             page.wait_for_function("img => img.complete && img.naturalWidth > 0",
                                    arg=img.element_handle(), timeout=30_000)  # fmt: skip
-            assert img.evaluate("img => img.naturalWidth") > 0
+            assert img.evaluate("img => img.naturalWidth") > 100  # the panel, not an icon
             browser.close()
     finally:
         code, err = dash.stop()
@@ -180,7 +182,7 @@ def test_dashboard_reading_while_workers_write(study_dir):
     dash = Dashboard(study_dir, "b")
     reads = 0
     try:
-        ids = [s["study_id"] for s in dash.get("/api/studies")["studies"]
+        ids = [s["study_id"] for s in dash.get("/api/studies")["study_summaries"]
                if s["study_name"] == "b"]  # fmt: skip
         while search.poll() is None:
             dash.get(f"/api/studies/{ids[0]}?after=0")

@@ -16,6 +16,8 @@ import optuna
 import pytest
 import torch
 
+from segcore.study import trial_artifacts
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTUNA = str(Path(sys.executable).with_name("optuna"))
 SPACE = """
@@ -121,9 +123,14 @@ def test_checkpoints_only_for_top_k(searched):
     trials = trials_via_optuna_cli(searched, "s")
     done = sorted((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: -t["value"])
     top = {t["number"] for t in done[:2]}
-    files = list((searched / "storage" / "s" / "artifacts").iterdir())
-    numbers = {int(f.name.split("-")[1]) for f in files}
-    assert numbers == top, (numbers, top)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{searched}/storage/s.db")
+    number_of = {t._trial_id: t.number for t in study.trials}
+    live = {meta["artifact_id"]: number_of[trial_id] for trial_id, _, meta in trial_artifacts(study)
+            if meta["filename"] == "checkpoint.pt"}  # fmt: skip
+    files = {f.name for f in (searched / "storage" / "s" / "artifacts").iterdir()}
+    checkpoints = files - {a for _, _, m in trial_artifacts(study) for a in [m["artifact_id"]]
+                           if m["filename"] != "checkpoint.pt"}  # fmt: skip
+    assert checkpoints == set(live) and set(live.values()) == top, (live, top)
 
 
 def test_scores_and_best_json_retrain_reproduces(searched):
