@@ -394,7 +394,8 @@ def quiet_optuna(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("segcore").setLevel(logging.INFO)  # our epoch lines; not matplotlib's chatter
     quiet_optuna(verbose=args.command == "worker" or getattr(args, "verbose", False))
     # SIGTERM (a scheduler, `kill`) stops search and workers the way Ctrl-C does; SIGINT is
     # restored too, because a shell starts background jobs with it ignored

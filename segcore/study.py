@@ -378,8 +378,10 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
             study.optimize(objective, n_trials=1, catch=catch)
         except KeyboardInterrupt:  # the trial is FAIL with its reason; stop here
             return 130
-        except RuntimeError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
-            log.warning("trial could not be told (%s); going on", e)
+        except ValueError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
+            if "Cannot tell" not in str(e):
+                raise
+            log.warning("%s (the heartbeat failed it meanwhile); going on", e)
         drop_checkpoints(study, space.top_k, store)
 
 
