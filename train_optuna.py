@@ -235,6 +235,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    import socket
+    import threading
+
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
@@ -250,14 +253,25 @@ def cmd_dashboard(args) -> int:
     store = FileSystemArtifactStore(str(artifact_dir(name)))
     print(f"dashboard of study {name} ({mask_url(url)}): http://{args.host}:{args.port}/ "
           f"(Ctrl-C stops it)", flush=True)  # fmt: skip
-    try:
-        run_server(storage, host=args.host, port=args.port, artifact_store=store)
-    except KeyboardInterrupt:  # bottle usually catches Ctrl-C itself and returns
-        pass
+    try:  # say clearly when the port is taken, before the server thread would die of it
+        with socket.create_server((args.host, args.port)):
+            pass
     except OSError as e:
         raise UserError(
             f"--port {args.port}: cannot listen on {args.host} ({e.strerror})"
         ) from None
+    # The server runs in a daemon thread: wsgiref swallows a KeyboardInterrupt that lands inside a
+    # request, so Ctrl-C is taken here, in a main thread that only waits.
+    server = threading.Thread(
+        target=run_server, args=(storage,),
+        kwargs={"host": args.host, "port": args.port, "artifact_store": store}, daemon=True,
+    )  # fmt: skip
+    server.start()
+    try:
+        while server.is_alive():
+            server.join(0.5)
+    except KeyboardInterrupt:
+        pass
     print("dashboard stopped", file=sys.stderr)
     return 0
 

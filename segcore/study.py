@@ -270,6 +270,8 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
 def drop_checkpoints(study: optuna.Study, top_k: int, store: FileSystemArtifactStore) -> None:
     """Delete checkpoints of trials that can no longer be in the top K (disk stays bounded)."""
     keep = {t._trial_id for t in top_trials(study, top_k)}
+    # a trial stores its checkpoint just before it turns COMPLETE: leave running ones alone
+    keep |= {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     for trial_id, (key, artifact_id) in _checkpoint_metas(study).items():
         if trial_id not in keep:
             remove_artifact(study, key, artifact_id, store)

@@ -170,7 +170,7 @@ def test_dashboard_in_a_real_browser(study_dir):
 
 
 def test_dashboard_reading_while_workers_write(study_dir):
-    (study_dir / "busy.yaml").write_text(space(6, 10, 8))
+    (study_dir / "busy.yaml").write_text(space(6, 10, 6))
     search = subprocess.Popen(
         [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "busy.yaml",
          "--study", "b", "--data", "d", "--workers", "2", "--quiet"],
@@ -199,4 +199,4 @@ def test_dashboard_reading_while_workers_write(study_dir):
     )  # fmt: skip
     states = [t["state"] for t in json.loads(out.stdout)]
     assert "FAIL" not in states and "RUNNING" not in states
-    assert states.count("COMPLETE") + states.count("PRUNED") == 8
+    assert states.count("COMPLETE") + states.count("PRUNED") == 6

@@ -114,8 +114,11 @@ def test_budget_met_exactly_with_pruning_and_nothing_running(searched):
     assert counts.get("PRUNED", 0) >= 1 and counts.get("RUNNING", 0) == 0
     pids = {t["user_attrs"]["pid"] for t in trials if "pid" in t["user_attrs"]}
     assert len(pids) == 2  # two worker processes shared the study
-    for t in trials:  # the full config of every trial is in its user attributes
-        assert t["user_attrs"]["config"]["patch_size"] == t["params"]["patch_size"]
+    for t in trials:  # the full config of every counted trial is in its user attributes
+        if t["state"] != "FAIL":
+            assert t["user_attrs"]["config"]["patch_size"] == t["params"]["patch_size"]
+        else:  # the only failure possible here: two workers raced for the last slot
+            assert t["user_attrs"]["fail_reason"].startswith("over budget")
     assert (searched / "storage" / "s" / "worker-0.log").stat().st_size > 0
 
 
@@ -189,7 +192,7 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
 def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
     study = f"i{int(sig)}"
     args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "slow.yaml",
-            "--study", study, "--data", "d", "--workers", "2", "--n-trials", "4", "--quiet"]  # fmt: skip
+            "--study", study, "--data", "d", "--workers", "2", "--n-trials", "2", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=workdir, env=env(), stderr=subprocess.PIPE, text=True)
     running = wait_running(
         workdir, study, lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts)
@@ -208,4 +211,4 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
     assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
     cli(workdir, "search", "--space", "slow.yaml", "--study", study, "--data", "d", "--quiet")
     counts = states(trials_via_optuna_cli(workdir, study))
-    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and "RUNNING" not in counts
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 2 and "RUNNING" not in counts
