@@ -53,6 +53,7 @@ def cmd_train(args) -> int:
     from segcore.data import split
     from segcore.files import save_model
     from segcore.infer import evaluate
+    from segcore.model import build_model
     from segcore.train import train
 
     cfg = TrialConfig.load(args.config)
@@ -65,8 +66,6 @@ def cmd_train(args) -> int:
     train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
     print(f"training on {len(train_idx)} images, validating on {len(val_idx)}", file=sys.stderr)
     result = train(cfg, train_set, val_set, progress=not args.quiet)
-    from segcore.model import build_model
-
     model = build_model(cfg.arch, dataset.channels, len(dataset.classes), cfg.depth,
                         cfg.base_width, cfg.max_width)  # fmt: skip
     model.load_state_dict(result.state_dict)
@@ -108,11 +107,13 @@ def _model_and_data(args, folder: str | None):
             f"{folder}: images have {dataset.channels} channel(s), the model "
             f"{args.model} expects {meta['in_channels']}"
         )
-    if dataset.masks is not None and len(dataset.classes) != len(meta["classes"]):
-        raise UserError(
-            f"{folder}: data has {len(dataset.classes)} classes, the model {args.model} "
-            f"has {len(meta['classes'])}"
-        )
+    if dataset.masks is not None:
+        top = max(int(m.max()) for m in dataset.masks)
+        if top >= len(meta["classes"]):
+            raise UserError(
+                f"{folder}: masks hold label {top}, the model {args.model} knows "
+                f"{len(meta['classes'])} classes"
+            )
     return model, meta, dataset
 
 

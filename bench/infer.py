@@ -1,0 +1,136 @@
+"""Benchmark: our stitched inference against MONAI, a per-tile loop, and the bare forward pass.
+
+Prints a table of median milliseconds per 400x200 image (over --repeats runs) and ratios measured
+in this same run; the shared, noisy machines make absolute numbers meaningless across runs.
+
+    python bench/infer.py [--repeats 5] [--images 4] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segcore.data import synthetic_dataset
+from segcore.infer import autocast_for, predict_probs, tile_starts
+from segcore.model import build_model
+
+MODELS = {"cpu-recipe (d4 w16)": (4, 16), "reference (d4 w64)": (4, 64)}
+TILE, OVERLAP = 64, 0.5
+
+
+def timed(fn, images, device, repeats: int) -> float:
+    """Median seconds per image of fn(image) over `repeats` passes through all images."""
+    fn(images[0])  # warm-up (allocations, cuDNN autotuning)
+    runs = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for image in images:
+            fn(image)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        runs.append((time.perf_counter() - start) / len(images))
+    return statistics.median(runs)
+
+
+def tiles_of(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) -> (N, C, TILE, TILE): the tiles our stitcher uses."""
+    h, w = x.shape[1:]
+    return torch.stack([x[:, y : y + TILE, x0 : x0 + TILE] for y in tile_starts(h, TILE, OVERLAP)
+                        for x0 in tile_starts(w, TILE, OVERLAP)])  # fmt: skip
+
+
+def methods(model, device):
+    from monai.inferers import sliding_window_inference
+
+    def as_tensor(image):
+        return torch.from_numpy(image.transpose(2, 0, 1)).to(device)
+
+    @torch.no_grad()
+    def ours(image):
+        return predict_probs(model, image, tile=TILE, overlap=OVERLAP)
+
+    def monai(sw_batch):
+        @torch.no_grad()
+        def run(image):
+            with autocast_for(device):
+                return sliding_window_inference(
+                    as_tensor(image)[None], (TILE, TILE), sw_batch,
+                    lambda t: torch.softmax(model(t).float(), 1), overlap=OVERLAP, mode="constant",
+                )  # fmt: skip
+
+        return run
+
+    @torch.no_grad()
+    def per_tile(image):  # the reference project's loop: one tile at a time
+        x = as_tensor(image)
+        out = torch.zeros(model.num_classes, *x.shape[1:], device=device)
+        count = torch.zeros(x.shape[1:], device=device)
+        for y in tile_starts(x.shape[1], TILE, OVERLAP):
+            for x0 in tile_starts(x.shape[2], TILE, OVERLAP):
+                with autocast_for(device):
+                    p = torch.softmax(model(x[None, :, y : y + TILE, x0 : x0 + TILE]).float(), 1)
+                out[:, y : y + TILE, x0 : x0 + TILE] += p[0]
+                count[y : y + TILE, x0 : x0 + TILE] += 1
+        return out / count
+
+    @torch.no_grad()
+    def forward_only(image):
+        with autocast_for(device):
+            return model(tiles_of(as_tensor(image)))
+
+    return ours, monai, per_tile, forward_only
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    images = synthetic_dataset(args.images, seed=7).images
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.images} images 400x200, tile {TILE}, overlap {OVERLAP}, median of "
+          f"{args.repeats}")  # fmt: skip
+    for label, (depth, width) in MODELS.items():
+        torch.manual_seed(0)
+        model = build_model("unet", 1, 3, depth, width, 512).to(device).eval()
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        ours, monai, per_tile, forward_only = methods(model, device)
+        t_ours = timed(ours, images, device, args.repeats)
+        monai_times = {b: timed(monai(b), images, device, args.repeats) for b in (4, 16, 64)}
+        best_b = min(monai_times, key=monai_times.get)
+        t_loop = timed(per_tile, images, device, max(1, args.repeats // 2))
+        t_fwd = timed(forward_only, images, device, args.repeats)
+        a, b = ours(images[0]), monai(best_b)(images[0])[0]
+        agree = (a.argmax(0) == b.argmax(0)).float().mean().item()
+        print(f"\n{label}: {len(tiles_of(torch.zeros(1, 400, 200)))} tiles per image")
+        print(f"  {'method':<34}{'ms/image':>10}{'ours is':>12}")
+        rows = [("ours (stitched, all tiles batched)", t_ours),
+                (f"MONAI sliding_window (sw_batch {best_b})", monai_times[best_b]),
+                ("per-tile loop, batch 1", t_loop), ("forward pass alone", t_fwd)]  # fmt: skip
+        for name, t in rows:
+            print(f"  {name:<34}{t * 1000:>10.1f}{t / t_ours:>11.2f}x")
+        print(f"  speed-up vs MONAI {monai_times[best_b] / t_ours:.2f}x (target >= 1.0), "
+              f"vs per-tile loop {t_loop / t_ours:.2f}x (target >= 3), stitching overhead "
+              f"{(t_ours - t_fwd) / t_fwd * 100:.1f} % of the forward pass (target < 10 %)")  # fmt: skip
+        print(
+            f"  outputs agree with MONAI on {agree * 100:.2f} % of pixels (its last tile is "
+            f"clipped, ours evenly spaced); MONAI by sw_batch: "
+            + ", ".join(f"{k}: {v * 1000:.1f} ms" for k, v in monai_times.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
