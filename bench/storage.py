@@ -35,7 +35,11 @@ def storage_for(kind: str, where: str):
 
 
 def worker(kind: str, where: str, trials: int, epochs: int, out) -> None:
+    import warnings
+
     import optuna
+
+    warnings.filterwarnings("ignore")  # heartbeat outside optimize(), experimental features
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="bench", storage=storage_for(kind, where))
@@ -55,7 +59,11 @@ def worker(kind: str, where: str, trials: int, epochs: int, out) -> None:
 
 
 def run(kind: str, where: str, workers: int, trials: int, epochs: int) -> float:
+    import warnings
+
     import optuna
+
+    warnings.filterwarnings("ignore")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optuna.create_study(study_name="bench", storage=storage_for(kind, where), load_if_exists=True)

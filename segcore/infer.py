@@ -38,6 +38,14 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
+def tile_batch(model: torch.nn.Module, tile: int, device: torch.device) -> int:
+    """Tiles per forward pass: all of an image's tiles on a GPU; on the CPU a batch whose first
+    feature map holds about 1 M values (16 tiles of 64 at width 16, 4 at width 64), where
+    bench/infer.py found the CPU fastest; larger batches fall out of cache."""
+    budget = 2e8 if device.type == "cuda" else 1e6
+    return max(1, int(budget // (tile * tile * model.widths[0])))
+
+
 @torch.no_grad()
 def predict_probs(
     model: torch.nn.Module,
@@ -47,11 +55,11 @@ def predict_probs(
     overlap: float = 0.5,
     gaussian: bool = False,
     tta: bool = False,
-    batch: int = 64,
+    batch: int | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities (K, H, W) float32 of one (H, W, C) image, stitched from tiles.
 
-    All tiles of the image go through the model in batches of `batch`; overlapping
+    Tiles go through the model in batches of `batch` (default: tile_batch); overlapping
     probabilities are averaged (constant or Gaussian weights); flip TTA averages 4 views.
     Images smaller than a tile are zero-padded (zero is the mean after z-scoring).
     """
@@ -62,6 +70,7 @@ def predict_probs(
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     H, W = x.shape[1:]
+    batch = batch or tile_batch(model, tile, device)
     boxes = [(y, x0) for y in tile_starts(H, tile, overlap) for x0 in tile_starts(W, tile, overlap)]
     weight = (
         gaussian_weights(tile).to(device) if gaussian else torch.ones(tile, tile, device=device)

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from segcore.config import TrialConfig
 from segcore.data import Dataset, dataset_from, split
 from segcore.errors import DivergedError, UserError
-from segcore.files import atomic_write, load_model, save_model, write_text
+from segcore.files import load_model, save_model, write_text
 from segcore.infer import evaluate, predict_probs
 from segcore.pictures import prediction_panel
 from segcore.space import Space, parse_space, suggest
@@ -328,7 +328,7 @@ def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, in
         except DivergedError as e:
             trial.set_user_attr("fail_reason", f"diverged: {e}")
             raise
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:
             trial.set_user_attr("fail_reason", f"out of memory: {str(e).splitlines()[0][:200]}")
             raise
         except KeyboardInterrupt:
@@ -364,7 +364,7 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
     signal.signal(signal.SIGINT, interrupts)
     signal.signal(signal.SIGTERM, interrupts)
     objective = make_objective(study, space, data, store, interrupts)
-    catch = (DivergedError, torch.OutOfMemoryError, OverBudget)
+    catch = (DivergedError, torch.cuda.OutOfMemoryError, OverBudget)
     while True:
         if interrupts.requested:
             return 130
@@ -466,5 +466,5 @@ def export(name: str, url: str, out: str | Path | None = None) -> Path:
         "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
     }
     path = Path(out) if out else reports_dir(name) / "best.json"
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
