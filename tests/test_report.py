@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -15,37 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, cli, env, states, tiny_space, trials_via_optuna_cli
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SPACE = """
-search:
-  patch_size: {type: categorical, choices: [16, 32]}
-  depth: {type: int, low: 1, high: 2}
-  lr: {type: float, low: 1.0e-3, high: 0.3, log: true}
-  aug_strength: {type: float, low: 0.0, high: 1.0}
-fixed: {epochs: EPOCHS, steps_per_epoch: STEPS, batch_size: 2, base_width: 4, max_width: 8,
-        val_patches_per_image: 2}
-study:
-  n_trials: TRIALS
-  sampler: {name: random}
-  pruner: {name: asha, args: {min_resource: 1, reduction_factor: 2}}
-  top_k: 2
-"""
-
-
-def env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def cli(cwd, *args, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, env=env(), timeout=240,
-                          check=False)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def free_port() -> int:
@@ -54,19 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def space(epochs, steps, trials):
-    return (
-        SPACE.replace("EPOCHS", str(epochs))
-        .replace("STEPS", str(steps))
-        .replace("TRIALS", str(trials))
-    )
-
-
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
-    (tmp / "space.yaml").write_text(space(3, 2, 6))
+    (tmp / "space.yaml").write_text(tiny_space(3, 2, 6))
     cli(tmp, "search", "--space", "space.yaml", "--study", "r", "--data", "d", "--quiet")
     return tmp
 
@@ -170,7 +134,7 @@ def test_dashboard_in_a_real_browser(study_dir):
 
 
 def test_dashboard_reading_while_workers_write(study_dir):
-    (study_dir / "busy.yaml").write_text(space(6, 10, 6))
+    (study_dir / "busy.yaml").write_text(tiny_space(6, 10, 6))
     search = subprocess.Popen(
         [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "busy.yaml",
          "--study", "b", "--data", "d", "--workers", "2", "--quiet"],
@@ -192,11 +156,6 @@ def test_dashboard_reading_while_workers_write(study_dir):
     _, err = search.communicate(timeout=120)
     assert search.returncode == 0, err[-2000:]
     assert reads > 5
-    out = subprocess.run(
-        [str(Path(sys.executable).with_name("optuna")), "trials", "--study-name", "b",
-         "--storage", "sqlite:///storage/b.db", "-f", "json"], cwd=study_dir,
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    states = [t["state"] for t in json.loads(out.stdout)]
-    assert "FAIL" not in states and "RUNNING" not in states
-    assert states.count("COMPLETE") + states.count("PRUNED") == 6
+    counts = states(trials_via_optuna_cli(study_dir, "b"))
+    assert "FAIL" not in counts and "RUNNING" not in counts
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 6

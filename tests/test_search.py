@@ -10,58 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from helpers import ROOT, cli, env, states, tiny_space, trials_via_optuna_cli
 
 from segcore.study import trial_artifacts
-
-ROOT = Path(__file__).resolve().parents[1]
-OPTUNA = str(Path(sys.executable).with_name("optuna"))
-SPACE = """
-search:
-  patch_size: {type: categorical, choices: [16, 32]}
-  depth: {type: int, low: 1, high: 2}
-  lr: {type: float, low: 1.0e-4, high: 0.3, log: true}
-  aug_strength: {type: float, low: 0.0, high: 1.0}
-fixed: {epochs: EPOCHS, steps_per_epoch: STEPS, batch_size: 2, base_width: 4, max_width: 8,
-        val_patches_per_image: 2}
-study:
-  n_trials: 8
-  sampler: {name: random}
-  pruner: {name: asha, args: {min_resource: 1, reduction_factor: 2}}
-  top_k: 2
-"""
-
-
-def env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
-def cli(cwd, *args, check=True, **kw):
-    proc = subprocess.run([sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, env=env(), timeout=240,
-                          check=False, **kw)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def trials_via_optuna_cli(cwd, study):
-    out = subprocess.run(
-        [OPTUNA, "trials", "--study-name", study, "--storage", "sqlite:///storage/" + study + ".db",
-         "-f", "json"], cwd=cwd, capture_output=True, text=True, check=True, env=env(),
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
-def states(trials):
-    out = {}
-    for t in trials:
-        out[t["state"]] = out.get(t["state"], 0) + 1
-    return out
 
 
 def study_exists(db, study):
@@ -94,8 +49,8 @@ def wait_running(workdir, study, enough, timeout=60):
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
-    (tmp / "space.yaml").write_text(SPACE.replace("EPOCHS", "4").replace("STEPS", "2"))
-    (tmp / "slow.yaml").write_text(SPACE.replace("EPOCHS", "20").replace("STEPS", "40"))
+    (tmp / "space.yaml").write_text(tiny_space(4, 2))
+    (tmp / "slow.yaml").write_text(tiny_space(20, 40))
     return tmp
 
 
