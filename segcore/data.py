@@ -239,12 +239,12 @@ def _decode_masks(raw, labels, labels_path: Path):
     keys = np.array(sorted(lut), dtype=np.int64)
     values = np.array([lut[k] for k in keys], dtype=np.int64)
     masks = []
-    for path, c in codes:
+    for (path, mask), (_, c) in zip(raw, codes):
         idx = np.clip(np.searchsorted(keys, c), 0, len(keys) - 1)
         bad = keys[idx] != c
         if bad.any():
             y, x = np.argwhere(bad)[0]
-            colour = tuple(int(v) for v in raw[[p for p, _ in raw].index(path)][1][y, x])
+            colour = tuple(int(v) for v in mask[y, x])
             raise UserError(f"{path}: colour {colour} at ({x}, {y}) is not a class colour")
         masks.append(values[idx])
     return masks, classes, palette

@@ -71,7 +71,7 @@ def artifact_dir(name: str) -> Path:
     return Path("storage") / name / "artifacts"
 
 
-def open_storage(url: str, *, workers: int = 1) -> optuna.storages.RDBStorage:
+def open_storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeat and retry of stale trials; SQLite in WAL mode."""
     kwargs: dict[str, Any]
     if url.startswith("sqlite:///"):
@@ -85,7 +85,8 @@ def open_storage(url: str, *, workers: int = 1) -> optuna.storages.RDBStorage:
             raise UserError(f"--storage {url}: cannot open ({e})") from None
         kwargs = {"connect_args": {"timeout": 60}}
     else:
-        kwargs = {"pool_size": max(2, workers), "max_overflow": 4, "pool_pre_ping": True}
+        # each worker process holds its own small pool: one trial at a time, plus the heartbeat
+        kwargs = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(
             url,
