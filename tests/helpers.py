@@ -22,17 +22,21 @@ fixed: {epochs: EPOCHS, steps_per_epoch: STEPS, batch_size: 2, base_width: 4, ma
 study:
   n_trials: TRIALS
   sampler: {name: random}
-  pruner: {name: asha, args: {min_resource: 1, reduction_factor: 2}}
+  pruner: PRUNER
   top_k: 2
 """
 
 
-def tiny_space(epochs: int, steps: int, trials: int = 8) -> str:
+ASHA = "{name: asha, args: {min_resource: 1, reduction_factor: 2}}"
+
+
+def tiny_space(epochs: int, steps: int, trials: int = 8, pruner: str = ASHA) -> str:
     """A space of depth-1/2, width-4 models on 16/32 patches: trials of a second or two."""
     return (
         SPACE.replace("EPOCHS", str(epochs))
         .replace("STEPS", str(steps))
         .replace("TRIALS", str(trials))
+        .replace("PRUNER", pruner)
     )
 
 

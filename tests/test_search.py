@@ -51,6 +51,8 @@ def workdir(tmp_path_factory):
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
     (tmp / "space.yaml").write_text(tiny_space(4, 2))
     (tmp / "slow.yaml").write_text(tiny_space(20, 40))
+    # never pruned: a trial cannot end on its own in the moment the test interrupts it
+    (tmp / "long.yaml").write_text(tiny_space(20, 40, pruner="none"))
     return tmp
 
 
@@ -146,7 +148,7 @@ def test_killed_worker_trial_is_failed_and_retried(workdir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
     study = f"i{int(sig)}"
-    args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "slow.yaml",
+    args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "long.yaml",
             "--study", study, "--data", "d", "--workers", "2", "--n-trials", "2", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(args, cwd=workdir, env=env(), stderr=subprocess.PIPE, text=True)
     running = wait_running(
@@ -164,6 +166,6 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
     assert "RUNNING" not in states(trials)
     reasons = {t["user_attrs"].get("fail_reason") for t in trials if t["state"] == "FAIL"}
     assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
-    cli(workdir, "search", "--space", "slow.yaml", "--study", study, "--data", "d", "--quiet")
+    cli(workdir, "search", "--space", "long.yaml", "--study", study, "--data", "d", "--quiet")
     counts = states(trials_via_optuna_cli(workdir, study))
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 2 and "RUNNING" not in counts
