@@ -156,6 +156,10 @@ def test_dashboard_reading_while_workers_write(study_dir):
     _, err = search.communicate(timeout=120)
     assert search.returncode == 0, err[-2000:]
     assert reads > 5
-    counts = states(trials_via_optuna_cli(study_dir, "b"))
-    assert "FAIL" not in counts and "RUNNING" not in counts
+    trials = trials_via_optuna_cli(study_dir, "b")
+    counts = states(trials)
+    failed = [t["user_attrs"].get("fail_reason", "") for t in trials if t["state"] == "FAIL"]
+    # the only failure allowed is two workers racing for the last slot, never a storage error
+    assert all(r.startswith("over budget") for r in failed), failed
+    assert "RUNNING" not in counts
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 6
