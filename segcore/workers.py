@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.errors import UserError
-from segcore.study import budget, counts, open_storage
+from segcore.study import STORAGE_ENV, budget, counts, open_storage
 
 ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
@@ -49,8 +49,9 @@ def worker_env(index: int, gpus: list[int], threads: int) -> dict[str, str]:
 class Launcher:
     """Starts N workers on one study and keeps them going until the budget is met."""
 
-    def __init__(self, name: str, url: str, n_workers: int, gpus: list[int], quiet: bool):
-        self.name, self.url, self.quiet = name, url, quiet
+    def __init__(self, name: str, url: str, n_workers: int, gpus: list[int], quiet: bool,
+                 seed: int = 0):  # fmt: skip
+        self.name, self.url, self.quiet, self.seed = name, url, quiet, seed
         self.gpus = gpus
         self.threads = max(1, (os.cpu_count() or 1) // n_workers)
         self.log_dir = Path("storage") / name
@@ -62,9 +63,10 @@ class Launcher:
     def start(self, i: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (the child owns it)
-        cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name, "--storage", self.url,
-               "--seed", str(1000 * (self.restarts[i] + 1) + i)]  # fmt: skip
+        cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name,
+               "--seed", str(self.seed * 10_000 + 1000 * (self.restarts[i] + 1) + i)]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
+        env[STORAGE_ENV] = self.url  # not on the command line, where `ps` shows a password
         # own session: a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
         self.procs[i] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

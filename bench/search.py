@@ -1,0 +1,159 @@
+"""Benchmark: search efficiency. Pruning against no pruning on the same budget, and the time to
+reach a target full-image mIoU with TPE against random sampling, over a few seeds.
+
+Every study runs the product's own path (create_study, the worker launcher, stitched rescoring)
+on the quick space's data (synthetic, seed 0), in a temporary folder. Part 1 runs the space as it
+is and with `pruner: none`; part 2 runs it without the warm-start trial (which would reach any
+target in trial 0 for both) with sampler tpe and random, for each seed, rescoring every completed
+trial on whole images so that the moment each sampler first finished a trial at the target is
+known. Wall times are only comparable within one run.
+
+    python bench/search.py [--space search_spaces/quick.yaml] [--n-trials 24] [--seeds 0 1 2]
+                           [--target 0.95] [--workers 2] [--skip-pruning] [--skip-samplers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    """Run in `folder` (storage/ and reports/ are relative, as for a user)."""
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, rescore_all: bool):
+    """One search to its budget; returns its figures."""
+    import optuna
+
+    from segcore.space import parse_space
+    from segcore.study import create_study, open_storage, score, storage_url
+    from segcore.workers import Launcher, parse_gpus
+
+    with tempfile.TemporaryDirectory() as tmp, inside(Path(tmp)):
+        Path("storage").mkdir()
+        url = storage_url(name, None)
+        space = parse_space(raw, f"{name}.yaml")
+        create_study(name, url, space, None, n_trials)
+        started = time.perf_counter()
+        Launcher(name, url, workers, parse_gpus("all"), quiet=True, seed=seed).run()
+        wall = time.perf_counter() - started
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        top_k = len(done) if rescore_all else space.top_k
+        scores = score(name, url, top_k=top_k, progress=False, panels=False)
+    t0 = min(t.datetime_start for t in trials)
+    finished = {str(t.number): (t.datetime_complete - t0).total_seconds() for t in done}
+    return {
+        "wall": wall,
+        "epochs": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
+        "states": {
+            s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")
+        },
+        "best_patch": max(t.value for t in done),
+        "best_full": max(s["miou"] for s in scores.values()),
+        "full_at": {n: (finished[n], s["miou"]) for n, s in scores.items()},
+    }
+
+
+def time_to(target: float, full_at: dict) -> float:
+    """Seconds from the study's first trial until a trial at the target had finished."""
+    times = [t for t, miou in full_at.values() if miou >= target]
+    return min(times) if times else float("inf")
+
+
+def pruning(raw: dict, args) -> None:
+    runs = {}
+    for label, pruner in (("pruner " + raw["study"]["pruner"]["name"], raw["study"]["pruner"]),
+                          ("no pruner", {"name": "none"})):  # fmt: skip
+        variant = {**raw, "study": {**raw["study"], "pruner": pruner}}
+        runs[label] = run_study(variant, "prune", args.n_trials, args.workers, 0, False)
+        print(f"  finished {label}: {runs[label]['wall']:.0f} s", file=sys.stderr)
+    ref = runs["no pruner"]
+    print(f"\nPruning, {args.n_trials} trials, {args.workers} workers, sampler "
+          f"{raw['study']['sampler']['name']}, warm start {raw['study'].get('warm_start', False)}")  # fmt: skip
+    print(f"  {'':<18}{'complete/pruned':>16}{'epochs':>8}{'of none':>9}{'wall s':>8}{'of none':>9}"
+          f"{'best patch':>12}{'best full':>11}")  # fmt: skip
+    for label, r in runs.items():
+        s = r["states"]
+        print(f"  {label:<18}{s['COMPLETE']:>8}/{s['PRUNED']:<7}{r['epochs']:>8}"
+              f"{r['epochs'] / ref['epochs']:>8.2f}x{r['wall']:>8.0f}{r['wall'] / ref['wall']:>8.2f}x"
+              f"{r['best_patch']:>12.4f}{r['best_full']:>11.4f}")  # fmt: skip
+
+
+def samplers(raw: dict, args) -> None:
+    results: dict[str, list[dict]] = {"tpe": [], "random": []}
+    base = {k: v for k, v in raw["study"].items() if k != "warm_start"}
+    for seed in args.seeds:
+        for name, runs in results.items():
+            sampler = raw["study"]["sampler"] if name == "tpe" else {"name": "random"}
+            variant = {**raw, "study": {**base, "sampler": sampler, "warm_start": False}}
+            r = run_study(variant, f"{name}{seed}", args.n_trials, args.workers, seed, True)
+            runs.append(r)
+            print(f"  finished {name} seed {seed}: {r['wall']:.0f} s, best full-image "
+                  f"{r['best_full']:.4f}", file=sys.stderr)  # fmt: skip
+    print(f"\nTPE against random: {args.n_trials} trials, {args.workers} workers, pruner "
+          f"{raw['study']['pruner']['name']}, no warm start, target full-image mIoU {args.target}, "
+          f"seeds {' '.join(map(str, args.seeds))} (every completed trial rescored)")  # fmt: skip
+    print(f"  {'sampler':<8}{'seconds to target, per seed':>34}{'median':>8}{'reached':>9}"
+          f"{'best full, median':>19}{'epochs, median':>16}")  # fmt: skip
+    medians = {}
+    for name, runs in results.items():
+        times = [time_to(args.target, r["full_at"]) for r in runs]
+        medians[name] = statistics.median(times)
+        per_seed = " ".join("never" if t == float("inf") else f"{t:.0f}" for t in times)
+        print(f"  {name:<8}{per_seed:>34}{medians[name]:>8.0f}"
+              f"{sum(t < float('inf') for t in times):>6}/{len(times):<2}"
+              f"{statistics.median(r['best_full'] for r in runs):>19.4f}"
+              f"{statistics.median(r['epochs'] for r in runs):>16.0f}")  # fmt: skip
+    if all(m < float("inf") for m in medians.values()):
+        print(f"  TPE reaches the target in {medians['tpe'] / medians['random']:.2f}x random's "
+              f"time (median over seeds)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=str(ROOT / "search_spaces" / "quick.yaml"))
+    parser.add_argument("--n-trials", type=int, default=24)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-pruning", action="store_true")
+    parser.add_argument("--skip-samplers", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import optuna
+    import torch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    raw = yaml.safe_load(Path(args.space).read_text())
+    print(f"space {args.space}, torch {torch.__version__}, optuna {optuna.__version__}, "
+          f"{os.cpu_count()} cores, CUDA {'yes' if torch.cuda.is_available() else 'no'}")  # fmt: skip
+    if not args.skip_pruning:
+        pruning(raw, args)
+    if not args.skip_samplers:
+        samplers(raw, args)
+
+
+if __name__ == "__main__":
+    main()
