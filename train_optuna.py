@@ -169,16 +169,24 @@ def cmd_predict(args) -> int:
 
 
 def _study_args(args, create: bool = False) -> tuple[str, str]:
-    """(study name, storage URL); only `search` may create the default SQLite file."""
+    """(study name, storage URL); only `search` may create the default SQLite file, and it first
+    checks that storage/ (logs, checkpoints), reports/ and a SQLite file's folder can be written."""
+
+    from segcore.files import check_writable
     from segcore.study import check_name, storage_url
 
     name = check_name(args.study)
-    if args.storage is None:
-        if create:
-            Path("storage").mkdir(exist_ok=True)
-        elif not Path(f"storage/{name}.db").exists():
-            raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
-    return name, storage_url(name, args.storage)
+    url = storage_url(name, args.storage)
+    if create:
+        check_writable("storage", "storage folder")
+        check_writable("reports", "reports folder")
+        if url.startswith("sqlite:///"):
+            check_writable(Path(url[len("sqlite:///") :]).parent, "--storage")
+        if url == f"sqlite:///storage/{name}.db":
+            Path("storage").mkdir(exist_ok=True)  # the default SQLite file's folder
+    elif url == f"sqlite:///storage/{name}.db" and not Path(f"storage/{name}.db").exists():
+        raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
+    return name, url
 
 
 def cmd_check(args) -> int:
@@ -214,7 +222,7 @@ def cmd_search(args) -> int:
     print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/",
           file=sys.stderr)  # fmt: skip
     code = Launcher(name, url, n_workers, gpus, args.quiet).run()
-    if code:
+    if code or args.no_rescore:
         return code
     print_scores(score(name, url, progress=not args.quiet))
     path = export(name, url)
@@ -244,6 +252,8 @@ def cmd_dashboard(args) -> int:
 
     from segcore.study import artifact_dir, load_study, mask_url, open_storage
 
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: must be between 1 and 65535")
     name, url = _study_args(args)
     storage = open_storage(url)
     load_study(name, storage, seed=None)  # a clear error for a study that is not there
@@ -355,7 +365,7 @@ def build_parser() -> Parser:
 
     def study_options(p, storage_help="SQLAlchemy URL (default sqlite:///storage/NAME.db)"):
         p.add_argument("--study", required=True, help="study name (letters, digits, _ - .)")
-        p.add_argument("--storage", help=storage_help)
+        p.add_argument("--storage", help=storage_help + "; or set $TRAIN_OPTUNA_STORAGE")
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--verbose", action="store_true", help="optuna's own log lines too")
 
@@ -368,6 +378,8 @@ def build_parser() -> Parser:
                    help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
     p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
     p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+    p.add_argument("--no-rescore", action="store_true",
+                   help="stop when the budget is met; run score, export and report later")  # fmt: skip
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")

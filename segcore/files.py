@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -30,6 +31,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+MIN_FREE_MB = 200  # checkpoints, pictures and logs of a search
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuse up front a folder (or the nearest existing folder above it) that cannot be written
+    or is nearly full, before a search starts; `what` names the option or folder in the error."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {probe} ({e.strerror})") from None
+    free_mb = shutil.disk_usage(probe).free // 2**20
+    if free_mb < MIN_FREE_MB:
+        raise UserError(f"{what}: only {free_mb} MiB free in {probe}; need {MIN_FREE_MB} MiB")
 
 
 def write_text(path: str | Path, text: str) -> None:

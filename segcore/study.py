@@ -28,12 +28,11 @@ from optuna.trial import TrialState
 
 from segcore.config import TrialConfig
 from segcore.data import Dataset, dataset_from, split
-from segcore.errors import DivergedError, UserError
+from segcore.errors import DivergedError, OutOfMemory, UserError, is_out_of_memory
 from segcore.files import load_model, save_model, write_text
 from segcore.infer import evaluate, predict_probs
 from segcore.pictures import prediction_panel
 from segcore.space import Space, parse_space, suggest
-from segcore.train import train
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +62,16 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+STORAGE_ENV = "TRAIN_OPTUNA_STORAGE"  # the URL, so a password never shows on a command line
+# Connections each process may hold on a database server: the trial's and the heartbeat
+# thread's, plus overflow for the dashboard's requests. N workers need N * POOL_MAX + a few.
+POOL_SIZE, POOL_OVERFLOW = 2, 2
+POOL_MAX = POOL_SIZE + POOL_OVERFLOW
+
+
 def storage_url(name: str, url: str | None) -> str:
-    return url or f"sqlite:///storage/{name}.db"
+    """--storage, else $TRAIN_OPTUNA_STORAGE, else the study's SQLite file under storage/."""
+    return url or os.environ.get(STORAGE_ENV) or f"sqlite:///storage/{name}.db"
 
 
 def artifact_dir(name: str) -> Path:
@@ -72,7 +79,8 @@ def artifact_dir(name: str) -> Path:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeat and retry of stale trials; SQLite in WAL mode."""
+    """RDB storage with heartbeat and retry of stale trials: SQLite in WAL mode, or PostgreSQL
+    through psycopg 3 (pg8000 breaks past 32767 trials) with a small pool per process."""
     kwargs: dict[str, Any]
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
@@ -84,9 +92,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         except sqlite3.Error as e:
             raise UserError(f"--storage {url}: cannot open ({e})") from None
         kwargs = {"connect_args": {"timeout": 60}}
+    elif re.match(r"(postgresql|postgres)(\+psycopg)?://", url):
+        url = re.sub(r"^(postgresql|postgres)(\+psycopg)?://", "postgresql+psycopg://", url)
+        kwargs = {
+            "pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW, "pool_pre_ping": True,
+            "pool_recycle": 3600, "connect_args": {"connect_timeout": 10},
+        }  # fmt: skip
     else:
-        # each worker process holds its own small pool: one trial at a time, plus the heartbeat
-        kwargs = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True}
+        raise UserError(
+            f"--storage {mask_url(url)}: use sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
+        )
     try:
         return optuna.storages.RDBStorage(
             url,
@@ -98,7 +113,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             ),
         )
     except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[0][:200] if lines else type(e).__name__
         raise UserError(f"--storage {mask_url(url)}: cannot open ({mask_url(reason)})") from None
 
 
@@ -301,9 +317,13 @@ class Interrupts:
 
 
 def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, interrupts):
+    from segcore.train import train  # imported here: batchgenerators and scipy take a second
+
     train_set, val_set = data
 
     def objective(trial: optuna.Trial) -> float:
+        if torch.cuda.is_available():  # give back what an earlier trial's OOM left cached
+            torch.cuda.empty_cache()
         earlier = [
             t for t in study.get_trials(deepcopy=False, states=SLOTS) if t.number < trial.number
         ]
@@ -329,9 +349,12 @@ def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, in
         except DivergedError as e:
             trial.set_user_attr("fail_reason", f"diverged: {e}")
             raise
-        except torch.cuda.OutOfMemoryError as e:
-            trial.set_user_attr("fail_reason", f"out of memory: {str(e).splitlines()[0][:200]}")
-            raise
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            trial.set_user_attr("fail_reason", f"out of memory: {reason}")
+            raise OutOfMemory(reason) from None  # drop the frames that hold the memory
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C or SIGTERM)")
             raise
@@ -365,15 +388,16 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
     signal.signal(signal.SIGINT, interrupts)
     signal.signal(signal.SIGTERM, interrupts)
     objective = make_objective(study, space, data, store, interrupts)
-    catch = (DivergedError, torch.cuda.OutOfMemoryError, OverBudget)
+    catch = (DivergedError, OutOfMemory, OverBudget)
     while True:
         if interrupts.requested:
             return 130
         states = counts(study)
         if states["complete"] + states["pruned"] >= budget(study):
             return 0
-        if sum(states[s.name.lower()] for s in SLOTS) >= budget(study):
+        if states["complete"] + states["pruned"] + states["running"] >= budget(study):
             # every slot is taken by a running trial: wait, in case one fails and is retried
+            # (WAITING trials, retried or enqueued, are work to pick up, not taken slots)
             optuna.storages.fail_stale_trials(study)
             time.sleep(2)
             continue
@@ -395,8 +419,11 @@ def reports_dir(name: str) -> Path:
     return Path("reports") / name
 
 
-def score(name: str, url: str, top_k: int | None = None, progress: bool = True) -> dict:
-    """Stitched full-image mIoU of the top-K trials on the validation images."""
+def score(
+    name: str, url: str, top_k: int | None = None, progress: bool = True, panels: bool = True
+) -> dict:
+    """Stitched full-image mIoU of the top-K trials on the validation images (and their
+    prediction pictures, unless `panels` is false)."""
     study, space = load_study(name, open_storage(url), seed=None)
     k = top_k or space.top_k
     store = FileSystemArtifactStore(str(artifact_dir(name)))
@@ -418,7 +445,8 @@ def score(name: str, url: str, top_k: int | None = None, progress: bool = True) 
             model, payload = load_model(path)
         result = evaluate(model, val_set, payload["config"], progress=progress)
         scores[str(t.number)] = {"patch_miou": t.value, **result}
-        attach_panels(study, t, model, payload, val_set, result["miou"], store)
+        if panels:
+            attach_panels(study, t, model, payload, val_set, result["miou"], store)
     study.set_user_attr("full_image_scores", scores)
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +56,56 @@ def cli(cwd, *args, check=True):
     return proc
 
 
-def trials_via_optuna_cli(cwd, study):
+def storage_args(url: str | None) -> list[str]:
+    """`--storage URL` for PostgreSQL runs; nothing for the default SQLite file."""
+    return ["--storage", url] if url else []
+
+
+def trials_via_optuna_cli(cwd, study, url=None):
     out = subprocess.run(
-        [OPTUNA, "trials", "--study-name", study, "--storage", "sqlite:///storage/" + study + ".db",
-         "-f", "json"], cwd=cwd, capture_output=True, text=True, check=True, env=env(),
+        [OPTUNA, "trials", "--study-name", study, "--storage",
+         url or "sqlite:///storage/" + study + ".db", "-f", "json"],
+        cwd=cwd, capture_output=True, text=True, check=True, env=env(),
     )  # fmt: skip
     return json.loads(out.stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Dashboard:
+    """`train_optuna.py dashboard` in a real process, and JSON reads from its API."""
+
+    def __init__(self, cwd, study, storage=None):
+        self.port = free_port()
+        # a file, not a pipe: the access log of hundreds of requests would fill a pipe and block
+        self.log = cwd / f"dashboard-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "train_optuna.py"), "dashboard", "--study", study,
+                 "--port", str(self.port), *storage_args(storage)], cwd=cwd, env=env(), stdout=log, stderr=log,
+            )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/api/studies", timeout=2).read()
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()
+                time.sleep(0.3)
+        raise AssertionError("dashboard did not start")
+
+    def get(self, path):
+        return json.loads(urllib.request.urlopen(self.url + path, timeout=30).read())
+
+    def stop(self):
+        self.proc.send_signal(2)
+        self.proc.wait(timeout=30)
+        return self.proc.returncode, self.log.read_text()
 
 
 def states(trials) -> dict[str, int]:

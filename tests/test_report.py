@@ -5,25 +5,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, cli, env, states, tiny_space, trials_via_optuna_cli
+from helpers import Dashboard, cli, tiny_space
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,36 +60,6 @@ def test_report_without_finished_trials_is_a_clear_error(study_dir):
     assert not (study_dir / "reports" / "fresh").exists()
 
 
-class Dashboard:
-    def __init__(self, cwd, study):
-        self.port = free_port()
-        # a file, not a pipe: the access log of hundreds of requests would fill a pipe and block
-        self.log = cwd / f"dashboard-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "train_optuna.py"), "dashboard", "--study", study,
-                 "--port", str(self.port)], cwd=cwd, env=env(), stdout=log, stderr=log,
-            )  # fmt: skip
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/api/studies", timeout=2).read()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()
-                time.sleep(0.3)
-        raise AssertionError("dashboard did not start")
-
-    def get(self, path):
-        return json.loads(urllib.request.urlopen(self.url + path, timeout=30).read())
-
-    def stop(self):
-        self.proc.send_signal(2)
-        self.proc.wait(timeout=30)
-        return self.proc.returncode, self.log.read_text()
-
-
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
 def test_dashboard_in_a_real_browser(study_dir):
     from playwright.sync_api import sync_playwright
@@ -131,35 +90,3 @@ def test_dashboard_in_a_real_browser(study_dir):
     finally:
         code, err = dash.stop()
     assert code == 0 and "dashboard stopped" in err
-
-
-def test_dashboard_reading_while_workers_write(study_dir):
-    (study_dir / "busy.yaml").write_text(tiny_space(6, 10, 6))
-    search = subprocess.Popen(
-        [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", "busy.yaml",
-         "--study", "b", "--data", "d", "--workers", "2", "--quiet"],
-        cwd=study_dir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    while not (study_dir / "storage" / "b.db").exists() and search.poll() is None:
-        time.sleep(0.2)
-    time.sleep(3)
-    dash = Dashboard(study_dir, "b")
-    reads = 0
-    try:
-        ids = [s["study_id"] for s in dash.get("/api/studies")["study_summaries"]
-               if s["study_name"] == "b"]  # fmt: skip
-        while search.poll() is None:
-            dash.get(f"/api/studies/{ids[0]}?after=0")
-            reads += 1
-    finally:
-        dash.stop()
-    _, err = search.communicate(timeout=120)
-    assert search.returncode == 0, err[-2000:]
-    assert reads > 5
-    trials = trials_via_optuna_cli(study_dir, "b")
-    counts = states(trials)
-    failed = [t["user_attrs"].get("fail_reason", "") for t in trials if t["state"] == "FAIL"]
-    # the only failure allowed is two workers racing for the last slot, never a storage error
-    assert all(r.startswith("over budget") for r in failed), failed
-    assert "RUNNING" not in counts
-    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 6

@@ -1,0 +1,275 @@
+"""Faults, with real processes on real storage: killed and interrupted workers, sixteen workers on
+one database while the dashboard reads it, diverging and out-of-memory trials, crashes in the
+middle of a write, and a storage folder that cannot be written. The runs marked `storage` repeat
+on PostgreSQL (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from helpers import (
+    ROOT,
+    Dashboard,
+    cli,
+    env,
+    states,
+    storage_args,
+    tiny_space,
+    trials_via_optuna_cli,
+)
+
+from segcore.files import save_model, write_text
+from segcore.space import load_space
+from segcore.study import create_study
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
+    (tmp / "slow.yaml").write_text(tiny_space(10, 30))
+    # never pruned: a trial cannot end on its own in the moment the test interrupts it
+    (tmp / "long.yaml").write_text(tiny_space(10, 30, pruner="none"))
+    (tmp / "short.yaml").write_text(tiny_space(3, 2, 32))
+    return tmp
+
+
+def search_process(workdir, space, study, url, *extra, heartbeat="10,120"):
+    args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", space, "--study",
+            study, "--data", "d", *storage_args(url), "--quiet", "--no-rescore", *map(str, extra)]  # fmt: skip
+    return subprocess.Popen(args, cwd=workdir, env=env(TRAIN_OPTUNA_HEARTBEAT=heartbeat),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def load(workdir, study, url):
+    """The study once its creator has made it, else None (SQLite read-only until then, so a
+    reader never races the creation of the tables)."""
+    if url is None:
+        db = workdir / "storage" / f"{study}.db"
+        if not db.exists():
+            return None
+        url = f"sqlite:///file:{db}?mode=ro&uri=true"
+    try:
+        return optuna.load_study(study_name=study, storage=url)
+    except Exception:  # noqa: BLE001 (no tables or no study yet)
+        return None
+
+
+def wait_running(workdir, study, url, enough, timeout=90):
+    """Poll until `enough(running trials)` holds; returns those trials."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        s = load(workdir, study, url)
+        running = s.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if s else []
+        if running and enough(running):
+            return running
+    raise AssertionError(f"study {study}: trials did not start")
+
+
+def test_killed_worker_trial_is_failed_and_retried(workdir, storage):
+    study = f"k-{'pg' if storage else 'sqlite'}"
+    proc = search_process(workdir, "slow.yaml", study, storage, "--n-trials", 4, heartbeat="1,4")
+    running = wait_running(
+        workdir, study, storage,
+        lambda ts: any("pid" in t.user_attrs and t.intermediate_values for t in ts),
+    )  # fmt: skip
+    victim = next(t for t in running if "pid" in t.user_attrs and t.intermediate_values)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "exited with status -9" in err
+    assert not (workdir / "reports" / study).exists()  # --no-rescore: no rescoring or report
+    trials = trials_via_optuna_cli(workdir, study, storage)
+    by_number = {t["number"]: t for t in trials}
+    assert by_number[victim.number]["state"] == "FAIL"
+    retried = [t for t in trials if t["number"] > victim.number and t["params"] == victim.params]
+    assert retried, "the failed trial was not retried"
+    counts = states(trials)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and "RUNNING" not in counts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
+    study = f"i{int(sig)}"
+    proc = search_process(workdir, "long.yaml", study, None, "--workers", 2, "--n-trials", 2)
+    running = wait_running(
+        workdir, study, None, lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts)
+    )
+    pids = {t.user_attrs.get("pid") for t in running}
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30 and proc.returncode == 130, err[-2000:]
+    for pid in pids:  # every worker process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    trials = trials_via_optuna_cli(workdir, study)
+    assert "RUNNING" not in states(trials)
+    reasons = {t["user_attrs"].get("fail_reason") for t in trials if t["state"] == "FAIL"}
+    assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
+    cli(workdir, "search", "--space", "long.yaml", "--study", study, "--data", "d", "--quiet",
+        "--no-rescore")  # fmt: skip
+    counts = states(trials_via_optuna_cli(workdir, study))
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 2 and "RUNNING" not in counts
+
+
+def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage):
+    study = f"w16-{'pg' if storage else 'sqlite'}"
+    proc = search_process(workdir, "short.yaml", study, storage, "--workers", 16)
+    while load(workdir, study, storage) is None:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.3)
+    dash = Dashboard(workdir, study, storage)
+    reads = 0
+    try:
+        study_id = next(s["study_id"] for s in dash.get("/api/studies")["study_summaries"]
+                        if s["study_name"] == study)  # fmt: skip
+        while proc.poll() is None:
+            dash.get(f"/api/studies/{study_id}?after=0")
+            reads += 1
+    finally:
+        code, log = dash.stop()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "exited with status" not in err, err[-3000:]
+    assert code == 0 and reads > 5, log[-2000:]
+    trials = trials_via_optuna_cli(workdir, study, storage)
+    counts = states(trials)
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 32 and "RUNNING" not in counts
+    assert sorted(t["number"] for t in trials) == list(range(len(trials)))  # none lost
+    assert len(list((workdir / "storage" / study).glob("worker-*.log"))) == 16
+    pids = {t["user_attrs"]["pid"] for t in trials if t["state"] != "FAIL"}
+    assert len(pids) >= 8, pids  # many workers shared the database (a late one may find none)
+    for t in optuna.load_study(study_name=study, storage=storage or f"sqlite:///{workdir}/storage/"
+                               f"{study}.db").trials:  # fmt: skip
+        if t.state == optuna.trial.TrialState.FAIL:  # only workers racing for the last slots
+            assert t.user_attrs["fail_reason"].startswith("over budget"), t
+        else:  # every epoch's report is there
+            assert len(t.intermediate_values) == t.user_attrs["epochs_run"] > 0, t
+
+
+FAULTS = """
+search:
+  lr: {type: float, low: 1.0e-3, high: 1.0e+6, log: true}
+  patch_size: {type: categorical, choices: [16, 512]}
+  batch_size: {type: categorical, choices: [2, 4096]}
+fixed: {depth: 1, epochs: 2, steps_per_epoch: 2, base_width: 4, max_width: 8,
+        val_patches_per_image: 2}
+study: {n_trials: 2, sampler: {name: random}, pruner: {name: none}, top_k: 1}
+"""
+
+
+def test_divergence_and_out_of_memory_fail_only_their_trial(workdir):
+    (workdir / "faults.yaml").write_text(FAULTS)
+    url = f"sqlite:///{workdir}/storage/oom.db"
+    (workdir / "storage").mkdir(exist_ok=True)
+    study, _ = create_study("oom", url, load_space(workdir / "faults.yaml"),
+                            str(workdir / "d"), None)  # fmt: skip
+    good = {"lr": 0.01, "patch_size": 16, "batch_size": 2}
+    study.enqueue_trial({**good, "lr": 1.0e6})  # the loss turns NaN
+    study.enqueue_trial({**good, "patch_size": 512, "batch_size": 4096})  # 4 GiB a batch
+    study.enqueue_trial(good)
+    study.enqueue_trial(good)
+
+    def limit_memory():  # a real out-of-memory, without a GPU: 3 GiB of address space
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_optuna.py"), "worker", "--study", "oom", "--storage",
+         url], cwd=workdir, env=env(MALLOC_ARENA_MAX="2"), preexec_fn=limit_memory,
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = {t["number"]: t for t in trials_via_optuna_cli(workdir, "oom", url)}
+    assert trials[0]["state"] == "FAIL"
+    assert trials[0]["user_attrs"]["fail_reason"].startswith("diverged"), trials[0]
+    assert trials[1]["state"] == "FAIL"
+    assert trials[1]["user_attrs"]["fail_reason"].startswith("out of memory"), trials[1]
+    assert trials[2]["state"] == trials[3]["state"] == "COMPLETE"  # the worker went on
+    assert len({t["user_attrs"]["pid"] for t in trials.values()}) == 1
+
+
+def _crash_while_writing(path: Path, what: str) -> subprocess.CompletedProcess:
+    """A real process that is SIGKILLed in the middle of writing `path`."""
+    code = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from segcore.config import TrialConfig
+from segcore.files import save_model, write_text
+
+class Crash(str):  # killed part-way through being written out
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if {what!r} == "model":
+    save_model({str(path)!r}, {{"w": torch.zeros(1000, 1000)}}, TrialConfig(), in_channels=1,
+               classes=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], extra={{"x": Crash("y")}})
+else:
+    import pathlib
+    orig = pathlib.Path.write_text
+    def half(self, text, *a, **k):  # write half, then die
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2]); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    pathlib.Path.write_text = half
+    write_text({str(path)!r}, "new " * 1000)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("what", ["model", "best.json"])
+def test_crash_while_writing_leaves_the_previous_file(tmp_path, what):
+    from segcore.config import TrialConfig
+
+    path = tmp_path / ("checkpoint.pt" if what == "model" else "best.json")
+    if what == "model":
+        save_model(path, {}, TrialConfig(), in_channels=1, classes=["a", "b"],
+                   palette=[(0, 0, 0), (9, 9, 9)])  # fmt: skip
+    else:
+        write_text(path, json.dumps({"old": True}))
+    before = path.read_bytes()
+    proc = _crash_while_writing(path, what)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert path.read_bytes() == before  # the previous file, whole
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert all(n.startswith(f".{path.name}.") and n.endswith(".tmp") for n in leftovers)
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write: by mode for a normal user; root ignores modes, so for
+    root a kernel folder (sysfs refuses new files even to root)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    return Path("/sys/kernel")
+
+
+def test_unwritable_storage_is_refused_up_front(workdir, tmp_path):
+    folder = unwritable_folder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "storage").symlink_to(folder)  # storage/ holds logs and checkpoints
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = cli(run, "search", "--space", workdir / "short.yaml", "--study", "s", "--data",
+               workdir / "d", check=False)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: storage folder: cannot write in {run / 'storage'} (")
+    db = f"sqlite:///{folder}/s.db"  # the SQLite file's folder is checked too
+    proc = cli(tmp_path, "search", "--space", workdir / "short.yaml", "--study", "s", "--storage",
+               db, check=False)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: --storage: cannot write in {folder} ("), lines
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created
