@@ -64,9 +64,8 @@ def mask_url(url: str) -> str:
 
 STORAGE_ENV = "TRAIN_OPTUNA_STORAGE"  # the URL, so a password never shows on a command line
 # Connections each process may hold on a database server: the trial's and the heartbeat
-# thread's, plus overflow for the dashboard's requests. N workers need N * POOL_MAX + a few.
+# thread's, plus overflow for the dashboard's requests. N workers need 4 N + a few (README).
 POOL_SIZE, POOL_OVERFLOW = 2, 2
-POOL_MAX = POOL_SIZE + POOL_OVERFLOW
 
 
 def storage_url(name: str, url: str | None) -> str:

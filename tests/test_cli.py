@@ -29,7 +29,7 @@ def run(*args, ok=True, cwd=None):
     return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     run("data", "--out", tmp / "data", "--n", 5, "--height", 64, "--width", 48, "--seed", 3)

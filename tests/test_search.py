@@ -13,7 +13,7 @@ from helpers import Dashboard, cli, states, tiny_space, trials_via_optuna_cli
 from segcore.study import trial_artifacts
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
@@ -21,7 +21,7 @@ def workdir(tmp_path_factory):
     return tmp
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
 def searched(workdir):
     out = cli(workdir, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
               "--workers", 2, "--quiet")  # fmt: skip
@@ -78,7 +78,7 @@ def test_scores_and_best_json_retrain_reproduces(searched):
 
 def test_resume_tops_up_to_the_budget(searched):
     cli(searched, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
-        "--workers", 2, "--n-trials", 10, "--quiet")  # fmt: skip
+        "--workers", 2, "--n-trials", 10, "--quiet", "--no-rescore")  # fmt: skip
     counts = states(trials_via_optuna_cli(searched, "s"))
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 10, counts
 
