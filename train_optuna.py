@@ -183,8 +183,11 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
             check_writable(Path(url[len("sqlite:///") :]).parent, "--storage")
         if url == f"sqlite:///storage/{name}.db":
             Path("storage").mkdir(exist_ok=True)  # the default SQLite file's folder
-    elif url == f"sqlite:///storage/{name}.db" and not Path(f"storage/{name}.db").exists():
-        raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
+    elif url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        # only `search` creates a study; opening a missing file would create an empty one
+        if url == f"sqlite:///storage/{name}.db":
+            raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
+        raise UserError(f"--storage {url}: file not found")
     return name, url
 
 
@@ -243,6 +246,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
+    import errno
     import socket
     import threading
 
@@ -256,6 +260,16 @@ def cmd_dashboard(args) -> int:
     name, url = _study_args(args)
     storage = open_storage(url)
     load_study(name, storage, seed=None)  # a clear error for a study that is not there
+    try:  # say clearly when the port is taken, before the server thread would die of it
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        reason = str(e.strerror).split(" (while")[0]  # create_server appends the address
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise UserError(
+                f"--port {args.port}: cannot listen on {args.host} ({reason})"
+            ) from None
+        raise UserError(f"--host {args.host}: cannot listen there ({reason})") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: optuna-dashboard has no authentication and can "
               f"change the study; anyone who can reach this address can", file=sys.stderr)  # fmt: skip
@@ -263,13 +277,6 @@ def cmd_dashboard(args) -> int:
     store = FileSystemArtifactStore(str(artifact_dir(name)))
     print(f"dashboard of study {name} ({mask_url(url)}): http://{args.host}:{args.port}/ "
           f"(Ctrl-C stops it)", flush=True)  # fmt: skip
-    try:  # say clearly when the port is taken, before the server thread would die of it
-        with socket.create_server((args.host, args.port)):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"--port {args.port}: cannot listen on {args.host} ({e.strerror})"
-        ) from None
     # The server runs in a daemon thread: wsgiref swallows a KeyboardInterrupt that lands inside a
     # request, so Ctrl-C is taken here, in a main thread that only waits.
     server = threading.Thread(
@@ -303,6 +310,8 @@ def cmd_worker(args) -> int:
 def cmd_score(args) -> int:
     from segcore.study import score
 
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k: must be at least 1, got {args.top_k}")
     name, url = _study_args(args)
     print_scores(score(name, url, args.top_k, progress=not args.quiet))
     return 0

@@ -108,6 +108,20 @@ def depth_9(tmp):
     (tmp / "bad.json").write_text(json.dumps({"depth": 9}))
 
 
+def a_study(tmp):
+    """A study `x` in storage/x.db, created from space.yaml, no trial run."""
+    from segcore.space import load_space
+    from segcore.study import create_study
+
+    (tmp / "storage").mkdir()
+    create_study("x", f"sqlite:///{tmp}/storage/x.db", load_space(tmp / "space.yaml"), None, None)
+
+
+def another_space(tmp):
+    a_study(tmp)
+    (tmp / "other.yaml").write_text(TINY_SPACE.replace("n_trials: 2", "n_trials: 3"))
+
+
 SEARCH = ["search", "--space", "space.yaml", "--study", "x"]
 GOOD_DATA = ["--data", "good"]
 PG = "postgresql+psycopg://someone:hunter2@127.0.0.1:{port}/db"
@@ -137,6 +151,7 @@ CASES = [
      "search.patch_size.choices: must be a non-empty list"),
     ("patch-no-depth", space(TINY_SPACE.replace("[16, 32]", "[24]").replace("depth: 2", "depth: 4")),
      ["check", "--space", "bad.yaml"], "patch_size 24: no depth in [4] divides it"),
+    ("space-is-folder", None, ["check", "--space", "good"], "good: cannot read"),
     ("space-missing", None, ["check", "--space", "none.yaml"], "none.yaml: search space file not"),
     # storage
     ("postgres-unreachable", None, [*SEARCH, *GOOD_DATA, "--storage", PG],
@@ -148,6 +163,12 @@ CASES = [
     ("storage-pg8000", None, [*SEARCH, "--storage", "postgresql+pg8000://u@h/db"],
      "use sqlite:///FILE or postgresql+psycopg://"),
     ("score-no-study", None, ["score", "--study", "nope"], "storage/nope.db not found"),
+    ("sqlite-file-missing", None, ["report", "--study", "x", "--storage", "sqlite:///none.db"],
+     "--storage sqlite:///none.db: file not found"),
+    ("study-not-in-storage", a_study, ["export", "--study", "y", "--storage",
+     "sqlite:///storage/x.db"], "--study 'y': no such study in this storage"),
+    ("resume-other-space", another_space, ["search", "--space", "other.yaml", "--study", "x"],
+     "study 'x' was created with another search space"),
     # study names
     ("name-separator", None, ["search", "--space", "space.yaml", "--study", "a/b"],
      "--study 'a/b': use letters"),
@@ -170,6 +191,9 @@ CASES = [
     ("unknown-option", None, ["data", "--out", "d3", "--bogus"], "unrecognized arguments"),
     ("config-depth-9", depth_9, ["train", "--config", "bad.json", "--out", "x.pt"], "'depth'"),
     ("data-out-not-empty", None, ["data", "--out", "good"], "good: folder exists and is not"),
+    ("top-k-0", None, ["score", "--study", "x", "--top-k", "0"], "--top-k: must be at least 1"),
+    ("dashboard-host", a_study, ["dashboard", "--study", "x", "--host", "999.1.1.1"],
+     "--host 999.1.1.1: cannot listen there"),
     ("port-range", None, ["dashboard", "--study", "x", "--port", "70000"], "--port 70000: must"),
 ]
 # fmt: on
