@@ -386,8 +386,10 @@ def build_parser() -> Parser:
                    help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
     p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
     p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
-    p.add_argument("--no-rescore", action="store_true",
-                   help="stop when the budget is met; run score, export and report later")  # fmt: skip
+    p.add_argument(
+        "--no-rescore", action="store_true",
+        help="stop when the budget is met; run score, export and report later",
+    )  # fmt: skip
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")

@@ -90,14 +90,16 @@ def pruning(raw: dict, args) -> None:
         runs[label] = run_study(variant, "prune", args.n_trials, args.workers, 0, False)
         print(f"  finished {label}: {runs[label]['wall']:.0f} s", file=sys.stderr)
     ref = runs["no pruner"]
+    study = raw["study"]
     print(f"\nPruning, {args.n_trials} trials, {args.workers} workers, sampler "
-          f"{raw['study']['sampler']['name']}, warm start {raw['study'].get('warm_start', False)}")  # fmt: skip
+          f"{study['sampler']['name']}, warm start {study.get('warm_start', False)}")  # fmt: skip
     print(f"  {'':<18}{'complete/pruned':>16}{'epochs':>8}{'of none':>9}{'wall s':>8}{'of none':>9}"
           f"{'best patch':>12}{'best full':>11}")  # fmt: skip
     for label, r in runs.items():
         s = r["states"]
         print(f"  {label:<18}{s['COMPLETE']:>8}/{s['PRUNED']:<7}{r['epochs']:>8}"
-              f"{r['epochs'] / ref['epochs']:>8.2f}x{r['wall']:>8.0f}{r['wall'] / ref['wall']:>8.2f}x"
+              f"{r['epochs'] / ref['epochs']:>8.2f}x"
+              f"{r['wall']:>8.0f}{r['wall'] / ref['wall']:>8.2f}x"
               f"{r['best_patch']:>12.4f}{r['best_full']:>11.4f}")  # fmt: skip
 
 
@@ -147,8 +149,9 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     raw = yaml.safe_load(Path(args.space).read_text())
+    cuda = "yes" if torch.cuda.is_available() else "no"
     print(f"space {args.space}, torch {torch.__version__}, optuna {optuna.__version__}, "
-          f"{os.cpu_count()} cores, CUDA {'yes' if torch.cuda.is_available() else 'no'}")  # fmt: skip
+          f"{os.cpu_count()} cores, CUDA {cuda}")  # fmt: skip
     if not args.skip_pruning:
         pruning(raw, args)
     if not args.skip_samplers:

@@ -86,7 +86,8 @@ class Dashboard:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "train_optuna.py"), "dashboard", "--study", study,
-                 "--port", str(self.port), *storage_args(storage)], cwd=cwd, env=env(), stdout=log, stderr=log,
+                 "--port", str(self.port), *storage_args(storage)],
+                cwd=cwd, env=env(), stdout=log, stderr=log,
             )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60

@@ -45,7 +45,8 @@ def workdir(tmp_path_factory):
 
 def search_process(workdir, space, study, url, *extra, heartbeat="10,120"):
     args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", space, "--study",
-            study, "--data", "d", *storage_args(url), "--quiet", "--no-rescore", *map(str, extra)]  # fmt: skip
+            study, "--data", "d", *storage_args(url), "--quiet", "--no-rescore",
+            *map(str, extra)]  # fmt: skip
     return subprocess.Popen(args, cwd=workdir, env=env(TRAIN_OPTUNA_HEARTBEAT=heartbeat),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
