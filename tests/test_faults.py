@@ -27,6 +27,7 @@ from helpers import (
     trials_via_optuna_cli,
 )
 
+from segcore.config import TrialConfig
 from segcore.files import save_model, write_text
 from segcore.space import load_space
 from segcore.study import create_study
@@ -217,7 +218,6 @@ if {what!r} == "model":
                classes=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], extra={{"x": Crash("y")}})
 else:
     import pathlib
-    orig = pathlib.Path.write_text
     def half(self, text, *a, **k):  # write half, then die
         with open(self, "w") as f:
             f.write(text[: len(text) // 2]); f.flush()
@@ -230,8 +230,6 @@ else:
 
 @pytest.mark.parametrize("what", ["model", "best.json"])
 def test_crash_while_writing_leaves_the_previous_file(tmp_path, what):
-    from segcore.config import TrialConfig
-
     path = tmp_path / ("checkpoint.pt" if what == "model" else "best.json")
     if what == "model":
         save_model(path, {}, TrialConfig(), in_channels=1, classes=["a", "b"],
