@@ -172,20 +172,21 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
     """(study name, storage URL); only `search` may create the default SQLite file, and it first
     checks that storage/ (logs, checkpoints), reports/ and a SQLite file's folder can be written."""
     from segcore.files import check_writable
-    from segcore.study import check_name, storage_url
+    from segcore.study import check_name, default_url, sqlite_path, storage_url
 
     name = check_name(args.study)
     url = storage_url(name, args.storage)
+    path = sqlite_path(url)
     if create:
         check_writable("storage", "storage folder")
         check_writable("reports", "reports folder")
-        if url.startswith("sqlite:///"):
-            check_writable(Path(url[len("sqlite:///") :]).parent, "--storage")
-        if url == f"sqlite:///storage/{name}.db":
+        if path is not None:
+            check_writable(path.parent, "--storage")
+        if url == default_url(name):
             Path("storage").mkdir(exist_ok=True)  # the default SQLite file's folder
-    elif url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+    elif path is not None and not path.is_file():
         # only `search` creates a study; opening a missing file would create an empty one
-        if url == f"sqlite:///storage/{name}.db":
+        if url == default_url(name):
             raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
         raise UserError(f"--storage {url}: file not found")
     return name, url

@@ -30,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-@contextlib.contextmanager
-def inside(folder: Path):
-    """Run in `folder` (storage/ and reports/ are relative, as for a user)."""
-    old = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, rescore_all: bool):
     """One search to its budget; returns its figures."""
     import optuna
@@ -49,7 +38,8 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
     from segcore.study import create_study, open_storage, score, storage_url
     from segcore.workers import Launcher, parse_gpus
 
-    with tempfile.TemporaryDirectory() as tmp, inside(Path(tmp)):
+    # storage/ and reports/ are relative to the working folder, as for a user
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         Path("storage").mkdir()
         url = storage_url(name, None)
         space = parse_space(raw, f"{name}.yaml")

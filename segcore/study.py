@@ -68,9 +68,18 @@ STORAGE_ENV = "TRAIN_OPTUNA_STORAGE"  # the URL, so a password never shows on a 
 POOL_SIZE, POOL_OVERFLOW = 2, 2
 
 
+def default_url(name: str) -> str:
+    return f"sqlite:///storage/{name}.db"
+
+
 def storage_url(name: str, url: str | None) -> str:
     """--storage, else $TRAIN_OPTUNA_STORAGE, else the study's SQLite file under storage/."""
-    return url or os.environ.get(STORAGE_ENV) or f"sqlite:///storage/{name}.db"
+    return url or os.environ.get(STORAGE_ENV) or default_url(name)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL; None for any other storage."""
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 def artifact_dir(name: str) -> Path:
@@ -81,8 +90,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeat and retry of stale trials: SQLite in WAL mode, or PostgreSQL
     through psycopg 3 (pg8000 breaks past 32767 trials) with a small pool per process."""
     kwargs: dict[str, Any]
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :])
+    path = sqlite_path(url)
+    if path is not None:
         if not path.parent.is_dir():
             raise UserError(f"--storage {url}: folder {path.parent} does not exist")
         try:  # WAL lets readers (dashboard, launcher) work while workers write
