@@ -103,15 +103,18 @@ def _tile_probs(model, tiles: torch.Tensor, tta: bool, device: torch.device) -> 
     return total / len(flips)
 
 
-def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False) -> dict:
-    """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set."""
+def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_image=None) -> dict:
+    """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set.
+    `on_image(index, probs)`, if given, sees each image's class probabilities (C, H, W)."""
     from tqdm import tqdm
 
     k = len(dataset.classes)
     cm = np.zeros((k, k), np.int64)
     model.eval()
-    pairs = zip(dataset.images, dataset.masks)
-    for image, mask in tqdm(pairs, total=len(dataset.images), disable=not progress, desc="score"):
+    pairs = enumerate(zip(dataset.images, dataset.masks))
+    for i, (image, mask) in tqdm(
+        pairs, total=len(dataset.images), disable=not progress, desc="score"
+    ):
         probs = predict_probs(
             model,
             image,
@@ -121,6 +124,8 @@ def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False) -> di
             tta=cfg.tta,
         )
         cm += confusion_matrix(probs.argmax(0), torch.from_numpy(mask), k)
+        if on_image is not None:
+            on_image(i, probs)
     iou = iou_per_class(cm)
     return {
         "miou": mean_iou(cm),

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore
@@ -30,7 +31,7 @@ from segcore.config import TrialConfig
 from segcore.data import Dataset, dataset_from, split
 from segcore.errors import DivergedError, OutOfMemory, UserError, is_out_of_memory
 from segcore.files import load_model, save_model, write_text
-from segcore.infer import evaluate, predict_probs
+from segcore.infer import evaluate
 from segcore.pictures import prediction_panel
 from segcore.space import Space, parse_space, suggest
 
@@ -445,16 +446,23 @@ def score(
         if not any(old.name.startswith(k) for k in keep):
             old.unlink()
     scores = {}
+    shown: dict[int, np.ndarray] = {}  # the panel images' probabilities, kept from scoring
+
+    def remember(i: int, probs: torch.Tensor) -> None:
+        if panels and i < PANEL_IMAGES:
+            shown[i] = probs.cpu().numpy()
+
     for t in top:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "checkpoint.pt"
             with store.open_reader(metas[t._trial_id][1]) as src:
                 path.write_bytes(src.read())
             model, payload = load_model(path)
-        result = evaluate(model, val_set, payload["config"], progress=progress)
+        shown.clear()
+        result = evaluate(model, val_set, payload["config"], progress=progress, on_image=remember)
         scores[str(t.number)] = {"patch_miou": t.value, **result}
         if panels:
-            attach_panels(study, t, model, payload, val_set, result["miou"], store)
+            attach_panels(study, t, shown, payload, val_set, result["miou"], store)
     study.set_user_attr("full_image_scores", scores)
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores
@@ -463,20 +471,21 @@ def score(
 PANEL_IMAGES = 3  # prediction pictures per rescored trial
 
 
-def attach_panels(study, trial, model, payload, val_set: Dataset, miou: float, store) -> None:
-    """Prediction panels of a few validation images: trial artifacts and reports/NAME/panels/."""
+def attach_panels(
+    study, trial, probs: dict[int, np.ndarray], payload, val_set: Dataset, miou: float, store
+) -> None:
+    """Prediction panels of the first validation images (`probs`: index -> class probabilities):
+    trial artifacts and reports/NAME/panels/."""
     for trial_id, key, meta in trial_artifacts(study):  # rescoring replaces the old pictures
         if trial_id == trial._trial_id and meta.get("filename", "").startswith("prediction-"):
             remove_artifact(study, key, meta["artifact_id"], store)
-    cfg, panels = payload["config"], reports_dir(study.study_name) / "panels"
+    panels = reports_dir(study.study_name) / "panels"
     names = ", ".join(payload["classes"])
-    for i in range(min(PANEL_IMAGES, len(val_set.images))):
+    for i in sorted(probs):
         image, name = val_set.images[i], val_set.names[i]
-        probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
-                              gaussian=cfg.gaussian, tta=cfg.tta).cpu().numpy()  # fmt: skip
         title = f"trial {trial.number}: full-image mIoU {miou:.4f} ({names}) - {name}"
         path = panels / f"trial-{trial.number}-{name}.png"
-        prediction_panel(path, image, probs, payload["classes"], payload["palette"],
+        prediction_panel(path, image, probs[i], payload["classes"], payload["palette"],
                          val_set.masks[i], title=title)  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             upload = Path(tmp) / f"prediction-{name}.png"
