@@ -7,6 +7,8 @@ rebuilds the same sampler and pruner from the database alone.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -307,7 +309,8 @@ def drop_checkpoints(study: optuna.Study, top_k: int, store: FileSystemArtifactS
 
 
 class OverBudget(Exception):
-    """Another worker took the last trial slot between this worker's check and its ask."""
+    """Another worker took the last trial slot between this worker's check and its ask (only
+    when the SlotLock could not be had)."""
 
 
 class Interrupts:
@@ -325,12 +328,15 @@ class Interrupts:
             raise KeyboardInterrupt
 
 
-def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, interrupts):
+def make_objective(
+    study, space: Space, data: tuple[Dataset, Dataset], store, interrupts, slot: SlotLock
+):
     from segcore.train import train  # imported here: batchgenerators and scipy take a second
 
     train_set, val_set = data
 
     def objective(trial: optuna.Trial) -> float:
+        slot.release()  # this trial is RUNNING now, so other workers count it
         if torch.cuda.is_available():  # give back what an earlier trial's OOM left cached
             torch.cuda.empty_cache()
         earlier = [
@@ -385,6 +391,66 @@ def make_objective(study, space: Space, data: tuple[Dataset, Dataset], store, in
     return objective
 
 
+class SlotLock:
+    """Makes "is a trial slot free?" and the ask that takes it one step for all the workers of a
+    study, so that N workers never start more trials than the budget has left: flock on the
+    SQLite file's folder (every worker is on this machine; the database file itself is left
+    alone, as closing any handle on it drops SQLite's own locks), or a PostgreSQL advisory lock
+    (workers on many machines). Held for milliseconds; a worker that cannot get it within
+    WAIT_S (a holder's machine vanished and the server has not yet noticed) goes on without it,
+    and the objective's own over-budget check still stops an extra trial."""
+
+    WAIT_S = 30.0
+
+    def __init__(self, storage: optuna.storages.RDBStorage, url: str, name: str) -> None:
+        self._path, self._engine = sqlite_path(url), storage.engine
+        digest = hashlib.sha256(f"train_optuna:{name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+        self._fd: int | None = None
+        self._con = None
+
+    def _try(self) -> bool:
+        if self._path is not None:
+            self._fd = os.open(self._path.parent, os.O_RDONLY)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                os.close(self._fd)
+                self._fd = None
+                return False
+        self._con = self._engine.connect()
+        got = self._con.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (self._key,)).scalar()
+        if not got:
+            self._con.close()
+            self._con = None
+        return bool(got)
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.WAIT_S
+        try:
+            while not self._try():
+                if time.monotonic() > deadline:
+                    log.warning("no trial-slot lock in %.0f s; going on without it", self.WAIT_S)
+                    return
+                time.sleep(0.05)
+        except Exception as e:  # noqa: BLE001 (a folder without flock, e.g. some NFS; a dropped
+            # connection): the lock only makes the budget exact, so go on without it
+            log.warning("no trial-slot lock (%s); going on without it", e)
+            self.release()
+
+    def release(self) -> None:
+        """Idempotent: the objective releases it once its trial is RUNNING, the worker again."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the handle drops the flock
+            self._fd = None
+        if self._con is not None:
+            with contextlib.suppress(Exception):  # a dropped connection has dropped the lock too
+                self._con.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (self._key,))
+            self._con.close()
+            self._con = None
+
+
 def run_worker(name: str, url: str, seed: int | None) -> int:
     """Run trials until the study-wide budget of COMPLETE + PRUNED trials is met."""
     storage = open_storage(url)
@@ -396,28 +462,33 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
     interrupts = Interrupts()
     signal.signal(signal.SIGINT, interrupts)
     signal.signal(signal.SIGTERM, interrupts)
-    objective = make_objective(study, space, data, store, interrupts)
+    slot = SlotLock(storage, url, name)
+    objective = make_objective(study, space, data, store, interrupts, slot)
     catch = (DivergedError, OutOfMemory, OverBudget)
     while True:
         if interrupts.requested:
             return 130
-        states = counts(study)
-        if states["complete"] + states["pruned"] >= budget(study):
-            return 0
-        if states["complete"] + states["pruned"] + states["running"] >= budget(study):
-            # every slot is taken by a running trial: wait, in case one fails and is retried
-            # (WAITING trials, retried or enqueued, are work to pick up, not taken slots)
-            optuna.storages.fail_stale_trials(study)
-            time.sleep(2)
-            continue
+        slot.acquire()
         try:
-            study.optimize(objective, n_trials=1, catch=catch)
+            states = counts(study)
+            if states["complete"] + states["pruned"] >= budget(study):
+                return 0
+            if states["complete"] + states["pruned"] + states["running"] >= budget(study):
+                # every slot is taken by a running trial: wait, in case one fails and is retried
+                # (WAITING trials, retried or enqueued, are work to pick up, not taken slots)
+                optuna.storages.fail_stale_trials(study)
+                slot.release()
+                time.sleep(2)
+                continue
+            study.optimize(objective, n_trials=1, catch=catch)  # the objective releases the lock
         except KeyboardInterrupt:  # the trial is FAIL with its reason; stop here
             return 130
         except ValueError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
             if "Cannot tell" not in str(e):
                 raise
             log.warning("%s (the heartbeat failed it meanwhile); going on", e)
+        finally:
+            slot.release()
         drop_checkpoints(study, space.top_k, store)
 
 

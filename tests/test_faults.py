@@ -132,32 +132,31 @@ def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.3)
     dash = Dashboard(workdir, study, storage)
-    reads = 0
+    finished_seen = []  # finished trials in each read made while the search ran
     try:
         study_id = next(s["study_id"] for s in dash.get("/api/studies")["study_summaries"]
                         if s["study_name"] == study)  # fmt: skip
         while proc.poll() is None:  # a reader polling 10 times a second, as a busy dashboard
-            dash.get(f"/api/studies/{study_id}?after=0")
-            reads += 1
+            seen = dash.get(f"/api/studies/{study_id}?after=0")["trials"]
+            finished_seen.append(sum(t["state"] in ("Complete", "Pruned") for t in seen))
             time.sleep(0.1)
     finally:
         code, log = dash.stop()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "exited with status" not in err, err[-3000:]
-    assert code == 0 and reads > 5, log[-2000:]
+    # the dashboard read while workers were still writing (how often depends on the load)
+    assert code == 0 and finished_seen and finished_seen[0] < 24, (finished_seen, log[-2000:])
     trials = trials_via_optuna_cli(workdir, study, storage)
     counts = states(trials)
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 24 and "RUNNING" not in counts
+    assert "FAIL" not in counts, counts  # 16 workers, yet not one trial started over the budget
     assert sorted(t["number"] for t in trials) == list(range(len(trials)))  # none lost
     assert len(list((workdir / "storage" / study).glob("worker-*.log"))) == 16
-    pids = {t["user_attrs"]["pid"] for t in trials if t["state"] != "FAIL"}
+    pids = {t["user_attrs"]["pid"] for t in trials}
     assert len(pids) >= 8, pids  # many workers shared the database (a late one may find none)
     for t in optuna.load_study(study_name=study, storage=storage or f"sqlite:///{workdir}/storage/"
                                f"{study}.db").trials:  # fmt: skip
-        if t.state == optuna.trial.TrialState.FAIL:  # only workers racing for the last slots
-            assert t.user_attrs["fail_reason"].startswith("over budget"), t
-        else:  # every epoch's report is there
-            assert len(t.intermediate_values) == t.user_attrs["epochs_run"] > 0, t
+        assert len(t.intermediate_values) == t.user_attrs["epochs_run"] > 0, t  # every report
 
 
 FAULTS = """
