@@ -1,7 +1,8 @@
 """Benchmark: Optuna storage cost per trial (ask, a report per epoch, tell) with parallel workers.
 
 Each worker process runs trials that do no training, only the storage traffic of a real trial
-(suggestions, user attributes, one report and prune check per epoch, tell), on SQLite in WAL mode
+(the slot lock around the ask, suggestions, user attributes, one report and prune check per
+epoch, tell), on SQLite in WAL mode
 with the busy timeout we use, on a JournalStorage file, and on PostgreSQL when --postgres URL is
 given. Prints median milliseconds of storage time per trial and that time as a share of a trial of
 the CPU recipe, whose epoch time is measured in this same run.
@@ -42,11 +43,21 @@ def worker(kind: str, where: str, trials: int, epochs: int, out) -> None:
     warnings.filterwarnings("ignore")  # heartbeat outside optimize(), experimental features
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="bench", storage=storage_for(kind, where))
+    storage = storage_for(kind, where)
+    study = optuna.load_study(study_name="bench", storage=storage)
+    slot = None
+    if kind != "journal":  # the workers' lock around the ask, as in a search
+        from segcore.study import SlotLock
+
+        slot = SlotLock(storage, where, "bench")
     times = []
     for _ in range(trials):
         start = time.perf_counter()
+        if slot:
+            slot.acquire()
         trial = study.ask()
+        if slot:
+            slot.release()
         trial.suggest_categorical("patch_size", [32, 48, 64])
         trial.suggest_float("lr", 1e-3, 0.2, log=True)
         trial.set_user_attr("config", {"depth": 4, "lr": 0.1})
