@@ -26,6 +26,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
+MAX_WORKERS = 64  # per machine: each worker holds torch and a data set in memory
+
+
+def seed_value(text: str) -> int:
+    """--seed: numpy and optuna take seeds from 0 to 2**32 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text!r}")
+    return seed
+
+
 def load_data(folder: str | None):
     """A labelled folder, or (saying so) the default synthetic data set."""
     from segcore.data import DEFAULT_SYNTHETIC, dataset_from
@@ -38,11 +52,13 @@ def load_data(folder: str | None):
 
 def cmd_data(args) -> int:
     from segcore.data import write_synthetic
+    from segcore.files import check_output
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
     if min(args.height, args.width) < 16:
         raise UserError(f"--height/--width: must be at least 16, got {args.height}x{args.width}")
+    check_output(args.out, "--out", folder=True)
     write_synthetic(args.out, args.n, args.seed, args.height, args.width)
     print(f"wrote {args.n} images and masks to {args.out} (seed {args.seed})")
     return 0
@@ -51,7 +67,7 @@ def cmd_data(args) -> int:
 def cmd_train(args) -> int:
     from segcore.config import TrialConfig
     from segcore.data import split
-    from segcore.files import save_model
+    from segcore.files import check_output, save_model
     from segcore.infer import evaluate
     from segcore.model import build_model
     from segcore.train import train
@@ -59,8 +75,7 @@ def cmd_train(args) -> int:
     cfg = TrialConfig.load(args.config)
     if args.epochs is not None:
         cfg = TrialConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs}, "--epochs")
-    if Path(args.out).is_dir():
-        raise UserError(f"--out: {args.out} is a folder; give a model file path")
+    check_output(args.out, "--out")
     dataset = load_data(args.data)
     train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
     train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
@@ -145,15 +160,14 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from segcore.data import colorize
-    from segcore.files import atomic_write
+    from segcore.files import atomic_write, check_output
     from segcore.infer import predict_probs
     from segcore.pictures import prediction_panel
 
+    check_output(args.out, "--out", folder=True)
     model, meta, dataset = _model_and_data(args, args.images)
     cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a folder")
     for i in tqdm(range(len(dataset.images)), disable=args.quiet, desc="predict"):
         image, name = dataset.images[i], dataset.names[i]
         probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
@@ -189,6 +203,8 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
         if url == default_url(name):
             raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
         raise UserError(f"--storage {url}: file not found")
+    elif path is not None and path.stat().st_size == 0:
+        raise UserError(f"--storage {url}: an empty file, no study in it")
     return name, url
 
 
@@ -204,11 +220,14 @@ def cmd_check(args) -> int:
 def cmd_search(args) -> int:
     from segcore.data import load_folder
     from segcore.space import load_space
-    from segcore.study import create_study, export, mask_url, score
+    from segcore.study import create_study, export, mask_url, score, split_data
     from segcore.workers import Launcher, parse_gpus
 
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers: must be at least 1, got {args.workers}")
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise UserError(
+            f"--workers: from 1 to {MAX_WORKERS} on one machine (more machines: `worker` on "
+            f"each), got {args.workers}"
+        )
     if args.workers_per_gpu < 1:
         raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
@@ -218,7 +237,7 @@ def cmd_search(args) -> int:
     space = load_space(args.space)
     data = None
     if args.data:
-        load_folder(args.data)  # every file checked before any worker starts
+        split_data(load_folder(args.data), space)  # every file checked before any worker
         data = str(Path(args.data).resolve())
     name, url = _study_args(args, create=True)
     create_study(name, url, space, data, args.n_trials)
@@ -324,9 +343,12 @@ def print_scores(scores: dict) -> None:
 
 
 def cmd_export(args) -> int:
+    from segcore.files import check_output
     from segcore.study import export
 
     name, url = _study_args(args)
+    if args.out:
+        check_output(args.out, "--out")
     print(f"wrote {export(name, url, args.out)}")
     return 0
 
@@ -339,7 +361,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("data", help="write a synthetic data set in the folder format")
     p.add_argument("--out", required=True, help="new folder to write DIR/images, DIR/masks")
     p.add_argument("--n", type=int, default=100, help="number of images (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="generator seed (default 0)")
     p.add_argument("--height", type=int, default=400, help="image height (default 400)")
     p.add_argument("--width", type=int, default=200, help="image width (default 200)")
     p.set_defaults(func=cmd_data)
@@ -395,7 +417,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")
     study_options(p)
-    p.add_argument("--seed", type=int, help="sampler seed (default: none)")
+    p.add_argument("--seed", type=seed_value, help="sampler seed (default: none)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("score", help="full-image stitched rescoring of the best trials")
@@ -445,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks did not foresee: still one line naming the file
+        if args.debug or not e.filename:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

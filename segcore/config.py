@@ -112,6 +112,8 @@ class TrialConfig:
             raise UserError(f"{path}: config file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:  # a folder, no permission
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
         if isinstance(data, dict) and isinstance(data.get("config"), dict):
             data = data["config"]
         return cls.from_dict(data, str(path))

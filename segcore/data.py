@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def read_array(path: Path) -> np.ndarray:
 
 def image_channels(array: np.ndarray, path: Path) -> np.ndarray:
     """(H, W[, C]) array -> (H, W, C); RGB with three equal channels becomes one channel."""
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UserError(f"{path}: has NaN or infinite pixel values")
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
@@ -131,12 +134,14 @@ def pair_files(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path]]
 
 def read_labels(path: Path) -> tuple[list[str], list[tuple[int, int, int]]] | None:
     """Parse labels.json: {"classes": [...], "colors": [[r, g, b], ...]} (colors optional)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder, a broken or looping link, no permission
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     classes = data.get("classes") if isinstance(data, dict) else None
     if not (
         isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
@@ -147,7 +152,7 @@ def read_labels(path: Path) -> tuple[list[str], list[tuple[int, int, int]]] | No
         return classes, _default_palette(len(classes))
     ok = isinstance(colors, list) and len(colors) == len(classes)
     ok = ok and all(
-        isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+        isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
         for c in colors
     )
     if not ok:
@@ -202,6 +207,9 @@ def load_folder(root: str | Path) -> Dataset:
     return Dataset(images, masks, names, classes, palette)
 
 
+MAX_GREY_CLASSES = 256  # classes a grey mask may mean without labels.json
+
+
 def _decode_masks(raw, labels, labels_path: Path):
     """Turn grey or colour masks into label maps; classes and palette from labels.json or data."""
     kinds = {m.ndim for _, m in raw}
@@ -215,6 +223,12 @@ def _decode_masks(raw, labels, labels_path: Path):
             masks.append(m.astype(np.int64))
         top = max(int(m.max()) for m in masks)
         if labels is None:
+            for (path, _), m in zip(raw, masks):
+                if m.max() >= MAX_GREY_CLASSES:
+                    raise UserError(
+                        f"{path}: grey label {int(m.max())}; without labels.json grey masks hold "
+                        f"class indices 0..{MAX_GREY_CLASSES - 1}"
+                    )
             n = max(top + 1, 2)
             return masks, [f"class_{i}" for i in range(n)], _default_palette(n)
         classes, palette = labels
@@ -258,8 +272,13 @@ def load_images(folder: str | Path) -> Dataset:
             return load_folder(folder)
         folder = folder / "images"
     paths = list_images(folder)
-    images = [normalize(image_channels(read_array(p), p)) for p in paths]
-    return Dataset(images, None, [p.stem for p in paths], [], [])
+    images = [image_channels(read_array(p), p) for p in paths]
+    for p, image in zip(paths, images):
+        if image.shape[2] != images[0].shape[2]:
+            raise UserError(
+                f"{p}: has {image.shape[2]} channels, {paths[0].name} has {images[0].shape[2]}"
+            )
+    return Dataset([normalize(i) for i in images], None, [p.stem for p in paths], [], [])
 
 
 def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
@@ -350,12 +369,15 @@ def write_synthetic(
 ) -> None:
     """Write a synthetic data set in the folder format: RGB PNGs, colour masks, labels.json."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: folder exists and is not empty")
     pairs = synthetic_arrays(n, seed, height, width)
     tmp = out.with_name(out.name + ".partial")
-    (tmp / "images").mkdir(parents=True, exist_ok=True)
-    (tmp / "masks").mkdir(exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted earlier run left
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "masks").mkdir()
     for i, (img, labels) in enumerate(pairs):
         Image.fromarray(np.repeat(img[:, :, None], 3, axis=2)).save(tmp / "images" / f"Img_{i}.png")
         Image.fromarray(colorize(labels, SYNTHETIC_PALETTE)).save(tmp / "masks" / f"Mask_{i}.png")

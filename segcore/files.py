@@ -54,6 +54,16 @@ def check_writable(folder: str | Path, what: str) -> None:
         raise UserError(f"{what}: only {free_mb} MiB free in {probe}; need {MIN_FREE_MB} MiB")
 
 
+def check_output(path: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse up front an output path that cannot be written: a folder where a file goes (or the
+    reverse), a file in the way of its folder, a folder that cannot be written."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise UserError(f"{option} {path}: is {kind}; give a {'folder' if folder else 'file'}")
+    check_writable(path if folder else path.parent, f"{option} {path}")
+
+
 def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -98,12 +108,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"{path}: not a model file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a train_optuna model file")
-    cfg = TrialConfig.from_dict(payload["config"], str(path))
-    model = build_model(
-        cfg.arch, payload["in_channels"], len(payload["classes"]), cfg.depth, cfg.base_width,
-        cfg.max_width,
-    )  # fmt: skip
-    model.load_state_dict(payload["state_dict"])
-    payload["config"] = cfg
-    payload["palette"] = [tuple(c) for c in payload["palette"]]
+    try:  # a file edited by hand, or whose parts do not fit together
+        cfg = TrialConfig.from_dict(payload["config"], str(path))
+        model = build_model(
+            cfg.arch, payload["in_channels"], len(payload["classes"]), cfg.depth, cfg.base_width,
+            cfg.max_width,
+        )  # fmt: skip
+        model.load_state_dict(payload["state_dict"])
+        payload["config"] = cfg
+        payload["palette"] = [tuple(c) for c in payload["palette"]]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path}: damaged model file ({type(e).__name__}: {reason})") from None
     return model.to(device).eval(), payload

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from segcore.config import TrialConfig, coerce
@@ -54,11 +55,31 @@ def load_space(path: str | Path) -> Space:
         raise UserError(f"{path}: cannot read ({type(e).__name__})") from None
     try:
         raw = yaml.safe_load(text)
+        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise UserError(f"{path}: not valid YAML{line}") from None
+        problem = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise UserError(f"{path}: not valid YAML{line}{problem}") from None
     return parse_space(raw, str(path))
+
+
+def _no_duplicate_keys(node: yaml.Node | None) -> None:
+    """YAML lets a repeated key silently replace the first; in a space file that is a mistake.
+    (Checked on the composed nodes, which construct no objects.)"""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise yaml.MarkedYAMLError(
+                        problem=f"key '{key.value}' repeated", problem_mark=key.start_mark
+                    )
+                seen.add(key.value)
+            _no_duplicate_keys(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item)
 
 
 def parse_space(raw: Any, source: str) -> Space:
@@ -86,6 +107,8 @@ def parse_space(raw: Any, source: str) -> Space:
     study = _check_study(raw.get("study") or {}, source)
     space = Space(dists, dict(fixed), raw=raw, source=source, **study)
     _check_configs(space)
+    build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
+    build_pruner(space)
     return space
 
 
@@ -186,11 +209,13 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
 
 
 def _grid(spec: dict[str, Any]) -> list[Any]:
-    """The values a distribution can take, for constraint checks (ends only for floats)."""
+    """The values a distribution can take, for constraint checks (ends only for floats and for
+    integer ranges too long to list)."""
     if spec["type"] == "categorical":
         return spec["choices"]
     if spec["type"] == "int":
-        return list(range(spec["low"], spec["high"] + 1, spec["step"]))
+        values = range(spec["low"], spec["high"] + 1, spec["step"])
+        return list(values) if len(values) <= 10_000 else [values[0], values[-1]]
     return [spec["low"], spec["high"]]
 
 
@@ -254,3 +279,44 @@ def suggest(trial: Any, space: Space) -> TrialConfig:
                 name, spec["low"], spec["high"], step=spec["step"], log=spec["log"]
             )
     return config_from(params, space)
+
+
+def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The space's sampler; its seed comes from the worker (--seed), never from the file."""
+    name, args = space.sampler["name"], space.sampler.get("args", {})
+    if "seed" in args:
+        raise UserError(f"{space.source}: study.sampler.args.seed: not here; use --seed")
+    make = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }[name]
+    try:
+        return make(seed=seed, **args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{space.source}: study.sampler.args: {e}") from None
+
+
+def build_pruner(space: Space) -> optuna.pruners.BasePruner:
+    name, args = space.pruner["name"], space.pruner.get("args", {})
+    # optuna checks these only once it prunes, in a worker: a factor of 1 divides by log(1)
+    factor, least = args.get("reduction_factor", 2), args.get("min_resource", 1)
+    if name in ("asha", "hyperband") and not (type(factor) is int and factor >= 2):
+        raise UserError(
+            f"{space.source}: study.pruner.args.reduction_factor: an integer of at least 2"
+        )
+    if name in ("asha", "hyperband") and not (least == "auto" or type(least) is int and least >= 1):
+        raise UserError(f"{space.source}: study.pruner.args.min_resource: 'auto' or at least 1")
+    epochs = space.fixed.get("epochs", TrialConfig.epochs)
+    try:
+        if name == "asha":
+            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
+        if name == "median":
+            return optuna.pruners.MedianPruner(**args)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(
+                **{"min_resource": 1, "max_resource": epochs, **args}
+            )
+        return optuna.pruners.NopPruner(**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{space.source}: study.pruner.args: {e}") from None

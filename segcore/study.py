@@ -35,7 +35,7 @@ from segcore.errors import DivergedError, OutOfMemory, UserError, is_out_of_memo
 from segcore.files import load_model, save_model, write_text
 from segcore.infer import evaluate
 from segcore.pictures import prediction_panel
-from segcore.space import Space, parse_space, suggest
+from segcore.space import Space, build_pruner, build_sampler, parse_space, suggest
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,19 @@ def check_name(name: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The storage URL with any password replaced by ***, for logs and errors."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The storage URL with any password replaced by ***, for logs and errors: in the user part
+    (up to the host's @, which is the last @ before the path, so an unescaped @ in a password
+    hides all of it) and in a `password=` query parameter."""
+    head, sep, rest = url.partition("://")
+    if sep:
+        netloc, slash, tail = rest.partition("/")
+        if "@" in netloc:
+            user, host = netloc.rsplit("@", 1)
+            if ":" in user:
+                user = user.split(":", 1)[0] + ":***"
+            netloc = f"{user}@{host}"
+        url = f"{head}{sep}{netloc}{slash}{tail}"
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 STORAGE_ENV = "TRAIN_OPTUNA_STORAGE"  # the URL, so a password never shows on a command line
@@ -85,6 +96,20 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
+def check_sqlite_file(path: Path, url: str) -> None:
+    """Refuse an existing file that is not an SQLite database, or holds another program's tables,
+    before optuna would add its own tables to it (read-only look; nothing is written)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error as e:
+        raise UserError(f"--storage {url}: not an SQLite database ({e})") from None
+    if tables and "studies" not in tables:
+        raise UserError(f"--storage {url}: an SQLite database without Optuna's tables")
+
+
 def artifact_dir(name: str) -> Path:
     return Path("storage") / name / "artifacts"
 
@@ -95,6 +120,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any]
     path = sqlite_path(url)
     if path is not None:
+        if str(path) == ":memory:" or not str(path):
+            raise UserError(f"--storage {url}: workers are processes and need a file to share")
+        check_sqlite_file(path, url)
         if not path.parent.is_dir():
             raise UserError(f"--storage {url}: folder {path.parent} does not exist")
         try:  # WAL lets readers (dashboard, launcher) work while workers write
@@ -104,6 +132,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             raise UserError(f"--storage {url}: cannot open ({e})") from None
         kwargs = {"connect_args": {"timeout": 60}}
     elif re.match(r"(postgresql|postgres)(\+psycopg)?://", url):
+        if url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:  # the driver would show a part
+            raise UserError(
+                f"--storage {mask_url(url)}: an '@' in the password must be written %40"
+            )
         url = re.sub(r"^(postgresql|postgres)(\+psycopg)?://", "postgresql+psycopg://", url)
         kwargs = {
             "pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW, "pool_pre_ping": True,
@@ -113,56 +145,52 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         raise UserError(
             f"--storage {mask_url(url)}: use sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
         )
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=3
-            ),
-        )
-    except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = lines[0][:200] if lines else type(e).__name__
-        raise UserError(f"--storage {mask_url(url)}: cannot open ({mask_url(reason)})") from None
-
-
-def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    name, args = space.sampler["name"], space.sampler.get("args", {})
-    make = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "qmc": optuna.samplers.QMCSampler,
-    }[name]
-    try:
-        return make(seed=seed, **args)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{space.source}: study.sampler.args: {e}") from None
-
-
-def build_pruner(space: Space) -> optuna.pruners.BasePruner:
-    name, args = space.pruner["name"], space.pruner.get("args", {})
-    epochs = space.fixed.get("epochs", TrialConfig.epochs)
-    try:
-        if name == "asha":
-            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
-        if name == "median":
-            return optuna.pruners.MedianPruner(**args)
-        if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(
-                **{"min_resource": 1, "max_resource": epochs, **args}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
             )
-        return optuna.pruners.NopPruner(**args)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{space.source}: study.pruner.args: {e}") from None
+        except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)
+            text = str(e)
+            if attempt < 4 and any(race in text.lower() for race in SCHEMA_RACES):
+                time.sleep(0.5 * (attempt + 1))  # another process is creating the tables
+                continue
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            reason = lines[0][:200] if lines else type(e).__name__
+            raise UserError(
+                f"--storage {mask_url(url)}: cannot open ({mask_url(reason)})"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+# What two processes creating the same new database's tables at once see (then a retry works).
+SCHEMA_RACES = ("already exists", "unique constraint", "duplicate key", "database is locked")
 
 
 def create_study(name: str, url: str, space: Space, data: str | None, n_trials: int | None):
-    """Create the study, or resume it (same space only); returns (study, space)."""
+    """Create the study, or resume it (same space only); returns (study, space). Two searches
+    started at once on a new study take turns (the slot lock), so one creates and one resumes."""
     storage = open_storage(url)
-    if name in optuna.get_all_study_names(storage=storage):
+    lock = SlotLock(storage, url, name)
+    lock.acquire()
+    try:
+        return _create_or_resume(name, storage, space, data, n_trials)
+    finally:
+        lock.release()
+
+
+def _create_or_resume(name, storage, space: Space, data: str | None, n_trials: int | None):
+    exists = name in optuna.get_all_study_names(storage=storage)
+    if exists:  # a creation cut short (Ctrl-C) before the space was stored: finish it
+        bare = optuna.load_study(study_name=name, storage=storage)
+        exists = "space" in bare.user_attrs or bool(bare.get_trials(deepcopy=False))
+    if exists:
         study, stored = load_study(name, storage, seed=None)
         if stored.raw != space.raw:
             raise UserError(
@@ -176,7 +204,7 @@ def create_study(name: str, url: str, space: Space, data: str | None, n_trials: 
     else:
         study = optuna.create_study(
             storage=storage, study_name=name, direction="maximize",
-            sampler=build_sampler(space, None), pruner=build_pruner(space),
+            sampler=build_sampler(space, None), pruner=build_pruner(space), load_if_exists=True,
         )  # fmt: skip
         study.set_user_attr("space", space.raw)
         study.set_user_attr("space_file", space.source)
@@ -224,7 +252,11 @@ def load_study(name: str, storage, seed: int | None):
 
 def study_data(study: optuna.Study, space: Space) -> tuple[Dataset, Dataset]:
     """(train, validation) split of the study's data, the same for every trial and worker."""
-    dataset = dataset_from(study.user_attrs.get("data"))
+    return split_data(dataset_from(study.user_attrs.get("data")), space)
+
+
+def split_data(dataset: Dataset, space: Space) -> tuple[Dataset, Dataset]:
+    """(train, validation) split by the space's seed and val_fraction."""
     cfg = TrialConfig.from_dict(
         {k: v for k, v in space.fixed.items() if k in ("seed", "val_fraction")}
     )
@@ -451,8 +483,13 @@ class SlotLock:
             self._con = None
 
 
+GIVE_UP_AFTER = 10  # trials of one worker failing in a row (diverged, out of memory)
+GAVE_UP = 3  # the worker's exit status then; the launcher does not restart it
+
+
 def run_worker(name: str, url: str, seed: int | None) -> int:
-    """Run trials until the study-wide budget of COMPLETE + PRUNED trials is met."""
+    """Run trials until the study-wide budget of COMPLETE + PRUNED trials is met; exit status
+    GAVE_UP when GIVE_UP_AFTER of its trials in a row have failed."""
     storage = open_storage(url)
     study, space = load_study(name, storage, seed)
     data = study_data(study, space)
@@ -465,7 +502,16 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
     slot = SlotLock(storage, url, name)
     objective = make_objective(study, space, data, store, interrupts, slot)
     catch = (DivergedError, OutOfMemory, OverBudget)
+    failed_in_a_row = 0
+
+    def note(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        nonlocal failed_in_a_row
+        failed_in_a_row = failed_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+
     while True:
+        if failed_in_a_row >= GIVE_UP_AFTER:  # bad data or a space that cannot train: stop
+            log.error("%d trials in a row failed; giving up (see their fail_reason)", GIVE_UP_AFTER)
+            return GAVE_UP
         if interrupts.requested:
             return 130
         slot.acquire()
@@ -480,7 +526,8 @@ def run_worker(name: str, url: str, seed: int | None) -> int:
                 slot.release()
                 time.sleep(2)
                 continue
-            study.optimize(objective, n_trials=1, catch=catch)  # the objective releases the lock
+            # the objective releases the lock
+            study.optimize(objective, n_trials=1, catch=catch, callbacks=[note])
         except KeyboardInterrupt:  # the trial is FAIL with its reason; stop here
             return 130
         except ValueError as e:  # "Cannot tell a FAIL trial": failed by heartbeat meanwhile
@@ -526,8 +573,14 @@ def score(
     for t in top:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "checkpoint.pt"
-            with store.open_reader(metas[t._trial_id][1]) as src:
-                path.write_bytes(src.read())
+            try:
+                with store.open_reader(metas[t._trial_id][1]) as src:
+                    path.write_bytes(src.read())
+            except ArtifactNotFound:
+                raise UserError(
+                    f"--study {name}: trial {t.number}'s checkpoint is not in {artifact_dir(name)}"
+                    f" (on many machines, that folder must be shared)"
+                ) from None
             model, payload = load_model(path)
         shown.clear()
         result = evaluate(model, val_set, payload["config"], progress=progress, on_image=remember)

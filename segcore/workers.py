@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.errors import UserError
-from segcore.study import STORAGE_ENV, budget, counts, open_storage
+from segcore.study import GAVE_UP, GIVE_UP_AFTER, STORAGE_ENV, budget, counts, open_storage
 
 ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
@@ -58,6 +58,7 @@ class Launcher:
         self.procs: list[subprocess.Popen | None] = [None] * n_workers
         self.restarts = [0] * n_workers
         self.printed = float("-inf")
+        self.gave_up = False
         self.study = optuna.load_study(study_name=name, storage=open_storage(url))
 
     def start(self, i: int) -> None:
@@ -89,6 +90,13 @@ class Launcher:
             return 130
         self.progress(started, final=True)
         c = counts(self.study)
+        if c["complete"] + c["pruned"] < budget(self.study) and self.gave_up:
+            failed = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            reason = failed[-1].user_attrs.get("fail_reason", "no reason recorded")
+            raise UserError(
+                f"--study {self.name}: stopped, {GIVE_UP_AFTER} trials in a row failed in a "
+                f"worker (last: {reason}); check the data and the space"
+            )
         if c["complete"] + c["pruned"] < budget(self.study):
             raise UserError(
                 f"--study {self.name}: every worker stopped before the budget was met; "
@@ -102,6 +110,9 @@ class Launcher:
                 continue
             self.procs[i] = None
             if p.returncode == 0:
+                continue
+            if p.returncode == GAVE_UP:  # restarting would fail the same way
+                self.gave_up = True
                 continue
             log = self.log_dir / f"worker-{i}.log"
             print(f"\nworker {i} exited with status {p.returncode} (see {log})", file=sys.stderr)

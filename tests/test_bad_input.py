@@ -7,10 +7,12 @@ thirty of them cost seconds; tests/test_cli.py runs a few of the same through a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,73 @@ def empty_folder(tmp):
     (tmp / "bad").mkdir()
 
 
+def infinite_pixel(tmp):
+    image = first(data_copy(tmp, "bad") / "images")
+    pixels = np.array(Image.open(image).convert("L"), np.float32)
+    pixels[0, 0] = np.inf
+    np.save(image.with_suffix(".npy"), pixels)
+    image.unlink()
+
+
+def grey_16bit_masks(tmp):
+    """Grey label masks, no labels.json, one pixel at 65535 (65536 classes)."""
+    bad = data_copy(tmp, "bad")
+    (bad / "labels.json").unlink()
+    for i, mask in enumerate(sorted((bad / "masks").iterdir())):
+        labels = np.zeros(np.array(Image.open(mask)).shape[:2], np.uint16)
+        labels[0, 0] = 65535 if i == 0 else 1
+        np.save(mask.with_suffix(".npy"), labels)
+        mask.unlink()
+
+
+def labels_folder(tmp):
+    bad = data_copy(tmp, "bad")
+    (bad / "labels.json").unlink()
+    (bad / "labels.json").mkdir()
+
+
+def labels_broken_link(tmp):
+    bad = data_copy(tmp, "bad")
+    (bad / "labels.json").unlink()
+    (bad / "labels.json").symlink_to(bad / "nowhere.json")
+
+
+def labels_bool_colour(tmp):
+    bad = data_copy(tmp, "bad")
+    labels = json.loads((bad / "labels.json").read_text())
+    labels["colors"][1] = [True, 0, 0]
+    (bad / "labels.json").write_text(json.dumps(labels))
+
+
+def one_image(tmp):
+    bad = data_copy(tmp, "bad")
+    for folder in ("images", "masks"):
+        for path in sorted((bad / folder).iterdir())[1:]:
+            path.unlink()
+
+
+def mixed_channels(tmp):
+    (tmp / "mixed").mkdir()
+    Image.new("L", (32, 32), 10).save(tmp / "mixed" / "a.png")
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp / "mixed" / "b.png")
+
+
+def foreign_sqlite(tmp):
+    import sqlite3
+
+    with sqlite3.connect(tmp / "other.db") as con:
+        con.execute("CREATE TABLE notes (text TEXT)")
+
+
+def damaged_model(tmp):
+    """A real model file whose config says depth 3 while its weights are depth 2."""
+    cfg = TrialConfig(depth=2, base_width=4, patch_size=32)
+    model = build_model(cfg.arch, 1, 3, cfg.depth, cfg.base_width, cfg.max_width)
+    save_model(tmp / "damaged.pt", model.state_dict(), TrialConfig(depth=3, base_width=4,
+               patch_size=32), in_channels=1, classes=["a", "b", "c"],
+               palette=[(0, 0, 0), (255, 0, 0), (0, 255, 0)])  # fmt: skip
+
+
 def space(text):
     return lambda tmp: (tmp / "bad.yaml").write_text(text)
 
@@ -115,6 +184,8 @@ def a_study(tmp):
 
     (tmp / "storage").mkdir()
     create_study("x", f"sqlite:///{tmp}/storage/x.db", load_space(tmp / "space.yaml"), None, None)
+    with contextlib.closing(sqlite3.connect(tmp / "storage" / "x.db")) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in x.db: later opens change nothing
 
 
 def another_space(tmp):
@@ -125,6 +196,7 @@ def another_space(tmp):
 SEARCH = ["search", "--space", "space.yaml", "--study", "x"]
 GOOD_DATA = ["--data", "good"]
 PG = "postgresql+psycopg://someone:hunter2@127.0.0.1:{port}/db"
+SEED_ARGS = "sampler: {name: random}"
 
 # fmt: off
 CASES = [
@@ -138,7 +210,28 @@ CASES = [
     ("non-image", non_image, [*SEARCH, "--data", "bad"], "notes.txt: not an image file"),
     ("evaluate-bad-data", no_mask, ["evaluate", "--model", "m.pt", "--data", "bad"],
      "no mask with the same name"),
+    ("infinite-pixel", infinite_pixel, [*SEARCH, "--data", "bad"],
+     "Img_0.npy: has NaN or infinite pixel values"),
+    ("grey-16bit-mask", grey_16bit_masks, [*SEARCH, "--data", "bad"],
+     "grey label 65535; without labels.json"),
+    ("labels-folder", labels_folder, [*SEARCH, "--data", "bad"], "labels.json: cannot read"),
+    ("labels-broken-link", labels_broken_link, [*SEARCH, "--data", "bad"],
+     "labels.json: cannot read"),
+    ("labels-bool-colour", labels_bool_colour, [*SEARCH, "--data", "bad"],
+     "'colors' must hold one [r, g, b]"),
+    ("one-image", one_image, [*SEARCH, "--data", "bad"], "need at least 2 to hold some out"),
+    ("predict-mixed-channels", mixed_channels, ["predict", "--model", "m.pt", "--images",
+     "mixed", "--out", "p"], "b.png: has 3 channels, a.png has 1"),
     # search spaces
+    ("yaml-duplicate-key", space(TINY_SPACE.replace("fixed:", "  lr: {type: float, low: 0.1, "
+     "high: 0.2}\nfixed:")), ["check", "--space", "bad.yaml"], "key 'lr' repeated"),
+    ("sampler-seed", space(TINY_SPACE.replace(SEED_ARGS, "sampler: {name: random, args: {seed: "
+     "3}}")), [*SEARCH[:2], "bad.yaml", "--study", "x"], "study.sampler.args.seed: not here"),
+    ("pruner-args-none", space(TINY_SPACE.replace("pruner: {name: none}", "pruner: {name: none, "
+     "args: {x: 1}}")), [*SEARCH[:2], "bad.yaml", "--study", "x"], "study.pruner.args"),
+    ("hyperband-factor-1", space(TINY_SPACE.replace("pruner: {name: none}", "pruner: {name: "
+     "hyperband, args: {reduction_factor: 1}}")), ["check", "--space", "bad.yaml"],
+     "reduction_factor: an integer of at least 2"),
     ("yaml-syntax", space("search: [unclosed\n"), ["check", "--space", "bad.yaml"],
      "bad.yaml: not valid YAML at line 2"),
     ("unknown-section", space(TINY_SPACE + "bogus: 1\n"), ["check", "--space", "bad.yaml"],
@@ -170,6 +263,20 @@ CASES = [
      "sqlite:///storage/x.db"], "--study 'y': no such study in this storage"),
     ("resume-other-space", another_space, ["search", "--space", "other.yaml", "--study", "x"],
      "study 'x' was created with another search space"),
+    ("sqlite-memory", None, [*SEARCH, "--storage", "sqlite:///:memory:"],
+     "need a file to share"),
+    ("sqlite-foreign", foreign_sqlite, ["report", "--study", "x", "--storage",
+     "sqlite:///other.db"], "an SQLite database without Optuna's tables"),
+    ("sqlite-foreign-search", foreign_sqlite, [*SEARCH, "--storage", "sqlite:///other.db"],
+     "an SQLite database without Optuna's tables"),
+    ("sqlite-not-a-database", None, ["score", "--study", "x", "--storage", "sqlite:///space.yaml"],
+     "not an SQLite database"),
+    ("password-no-user", None, [*SEARCH, *GOOD_DATA, "--storage",
+     "postgresql://:hunter2@127.0.0.1:{port}/db"], "postgresql+psycopg://:***@127.0.0.1:"),
+    ("password-with-at", None, [*SEARCH, *GOOD_DATA, "--storage",
+     "postgresql://bob:hunter2@x@127.0.0.1:{port}/db"], "an '@' in the password must be"),
+    ("password-in-query", None, [*SEARCH, *GOOD_DATA, "--storage",
+     "postgresql://bob@127.0.0.1:{port}/db?password=hunter2"], "?password=***"),
     # study names
     ("name-separator", None, ["search", "--space", "space.yaml", "--study", "a/b"],
      "--study 'a/b': use letters"),
@@ -182,10 +289,30 @@ CASES = [
     ("model-pickle-code", None, ["predict", "--model", "evil.pt", "--images", "good", "--out",
      "p"], "evil.pt: not a safe model file, refused to load"),
     ("model-truncated", truncated_model, ["evaluate", "--model", "cut.pt"], "cut.pt: not a model"),
+    ("model-damaged", damaged_model, ["evaluate", "--model", "damaged.pt"],
+     "damaged.pt: damaged model file (RuntimeError"),
     # options
     ("gpus-7", None, [*SEARCH, "--gpus", "7"], "--gpus: GPU 7 does not exist"),
     ("gpus-word", None, [*SEARCH, "--gpus", "first"], "--gpus 'first': use none, all or a list"),
-    ("workers-0", None, [*SEARCH, "--workers", "0"], "--workers: must be at least 1"),
+    ("workers-0", None, [*SEARCH, "--workers", "0"], "--workers: from 1 to 64"),
+    ("workers-1000", None, [*SEARCH, "--workers", "1000"], "--workers: from 1 to 64"),
+    ("seed-negative", None, ["data", "--out", "d", "--seed", "-1"],
+     "argument --seed: must be an integer from 0 to 4294967295"),
+    ("worker-seed-huge", a_study, ["worker", "--study", "x", "--seed", "5000000000"],
+     "argument --seed: must be an integer"),
+    ("data-out-is-file", None, ["data", "--out", "space.yaml"], "--out space.yaml: is a file"),
+    ("config-is-folder", None, ["train", "--config", "good", "--out", "x.pt"],
+     "good: cannot read"),
+    ("train-out-under-file", None, ["train", "--config", "cfg.json", "--out", "space.yaml/x.pt"],
+     "space.yaml is not a folder"),
+    ("train-out-is-folder", None, ["train", "--config", "cfg.json", "--out", "good"],
+     "--out good: is a folder; give a file"),
+    ("predict-out-under-file", None, ["predict", "--model", "m.pt", "--images", "good", "--out",
+     "space.yaml/p"], "space.yaml is not a folder"),
+    ("export-out-is-folder", a_study, ["export", "--study", "x", "--out", "good"],
+     "--out good: is a folder"),
+    ("storage-empty-file", lambda tmp: (tmp / "empty.db").touch(), ["export", "--study", "x",
+     "--storage", "sqlite:///empty.db"], "--storage sqlite:///empty.db: an empty file"),
     ("n-trials-0", None, [*SEARCH, "--n-trials", "0"], "--n-trials: must be at least 1"),
     ("workers-word", None, [*SEARCH, "--workers", "two"], "--workers: invalid int value"),
     ("required", None, ["train"], "the following arguments are required: --config, --out"),
@@ -226,5 +353,7 @@ def test_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, setup, a
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*")}  # fmt: skip
+    """Every path's size and modification time; SQLite's scratch files (-wal, -shm) left out: a
+    reader opening a database may touch them without changing the database."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))}  # fmt: skip

@@ -120,10 +120,10 @@ def test_missing_file(tmp_path):
         load_space(tmp_path / "nope.yaml")
 
 
-def test_sampler_and_pruner_args_are_checked(tmp_path):
-    from segcore.study import build_pruner, build_sampler
+def test_sampler_and_pruner_args_are_checked_when_the_space_is_loaded(tmp_path):
+    from segcore.space import build_sampler
 
-    space = load_space(write(tmp_path, GOOD.replace("n_startup_trials: 2", "bogus: 2")))
     with pytest.raises(UserError, match="study.pruner.args"):
-        build_pruner(space)
-    assert isinstance(build_sampler(space, 0), optuna.samplers.RandomSampler)
+        load_space(write(tmp_path, GOOD.replace("n_startup_trials: 2", "bogus: 2")))
+    assert isinstance(build_sampler(load_space(write(tmp_path, GOOD)), 0),
+                      optuna.samplers.RandomSampler)  # fmt: skip
