@@ -322,17 +322,23 @@ def remove_artifact(study, key: str, artifact_id: str, store) -> None:
     study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
 
 
-def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def top_trials(study: optuna.Study, k: int, trials=None) -> list[optuna.trial.FrozenTrial]:
+    """The K best COMPLETE trials (ties: the earlier first), of `trials` if given."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
     return sorted(done, key=lambda t: (-t.value, t.number))[:k]
 
 
 def drop_checkpoints(study: optuna.Study, top_k: int, store: FileSystemArtifactStore) -> None:
-    """Delete checkpoints of trials that can no longer be in the top K (disk stays bounded)."""
-    keep = {t._trial_id for t in top_trials(study, top_k)}
-    # a trial stores its checkpoint just before it turns COMPLETE: leave running ones alone
-    keep |= {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    for trial_id, (key, artifact_id) in _checkpoint_metas(study).items():
+    """Delete checkpoints of trials that can no longer be in the top K (disk stays bounded).
+    The checkpoints are listed first and the trials read once after: a trial stores its
+    checkpoint while RUNNING, so each listed one is seen RUNNING (kept) or finished (judged);
+    two reads of the trials could miss one turning from RUNNING to COMPLETE between them."""
+    metas = _checkpoint_metas(study)
+    trials = study.get_trials(deepcopy=False)
+    keep = {t._trial_id for t in top_trials(study, top_k, trials)}
+    keep |= {t._trial_id for t in trials if t.state == TrialState.RUNNING}
+    for trial_id, (key, artifact_id) in metas.items():
         if trial_id not in keep:
             remove_artifact(study, key, artifact_id, store)
 
@@ -409,7 +415,8 @@ def make_objective(
             interrupts.in_training = False
         trial.set_user_attr("best_epoch", result.best_epoch)
         top = top_trials(study, space.top_k)
-        if len(top) < space.top_k or result.best_patch_miou > top[-1].value:
+        rank = (-result.best_patch_miou, trial.number)  # top_trials' order, ties included
+        if len(top) < space.top_k or rank < (-top[-1].value, top[-1].number):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint.pt"
                 save_model(path, result.state_dict, cfg, in_channels=train_set.channels,
