@@ -51,8 +51,8 @@ def load_data(folder: str | None):
 
 
 def cmd_data(args) -> int:
-    from segcore.data import write_synthetic
     from segcore.files import check_output
+    from segcore.synthetic import write_synthetic
 
     if args.n < 1:
         raise UserError(f"--n: must be at least 1, got {args.n}")
@@ -66,49 +66,34 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     from segcore.config import TrialConfig
-    from segcore.data import split
-    from segcore.files import check_output, save_model
-    from segcore.infer import evaluate
-    from segcore.model import build_model
-    from segcore.train import train
+    from segcore.device import pick_device
+    from segcore.files import check_output
+    from segcore.fit import fit
 
     cfg = TrialConfig.load(args.config)
     if args.epochs is not None:
         cfg = TrialConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs}, "--epochs")
     check_output(args.out, "--out")
+    device = pick_device(args.device)
     dataset = load_data(args.data)
-    train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
-    train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
-    print(f"training on {len(train_idx)} images, validating on {len(val_idx)}", file=sys.stderr)
-    result = train(cfg, train_set, val_set, progress=not args.quiet)
-    model = build_model(cfg.arch, dataset.channels, len(dataset.classes), cfg.depth,
-                        cfg.base_width, cfg.max_width)  # fmt: skip
-    model.load_state_dict(result.state_dict)
-    scores = evaluate(model, val_set, cfg, progress=not args.quiet)
-    extra = {
-        "data": str(args.data) if args.data else "synthetic",
-        "val_names": val_set.names,
-        "best_epoch": result.best_epoch,
-        "patch_miou": result.best_patch_miou,
-        "full_image_miou": scores["miou"],
-        "history": result.history,
-    }
-    save_model(args.out, result.state_dict, cfg, in_channels=dataset.channels,
-               classes=dataset.classes, palette=dataset.palette, extra=extra)  # fmt: skip
+    data_name = str(args.data) if args.data else "synthetic"
+    done = fit(cfg, dataset, args.out, data_name=data_name, device=device,
+               progress=not args.quiet)  # fmt: skip
     print(
-        f"saved {args.out}: best epoch {result.best_epoch + 1}/{cfg.epochs}, "
-        f"patch mIoU {result.best_patch_miou:.4f}, full-image mIoU {scores['miou']:.4f} "
-        f"on {len(val_idx)} held-out images"
+        f"saved {args.out}: best epoch {done['best_epoch'] + 1}/{cfg.epochs}, "
+        f"patch mIoU {done['patch_miou']:.4f}, full-image mIoU {done['full_image_miou']:.4f} "
+        f"on {len(done['val_names'])} held-out images"
     )
     return 0
 
 
 def _model_and_data(args, folder: str | None):
+    from segcore.device import pick_device
     from segcore.files import load_model
 
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, pick_device(args.device))
     if folder is None:
-        from segcore.data import synthetic_dataset
+        from segcore.synthetic import synthetic_dataset
 
         print(f"note: no --data given; using 20 synthetic images (seed {EVAL_DATA_SEED})",
               file=sys.stderr)  # fmt: skip
@@ -186,7 +171,8 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
     """(study name, storage URL); only `search` may create the default SQLite file, and it first
     checks that storage/ (logs, checkpoints), reports/ and a SQLite file's folder can be written."""
     from segcore.files import check_writable
-    from segcore.study import check_name, default_url, sqlite_path, storage_url
+    from segcore.storage import default_url, sqlite_path, storage_url
+    from segcore.study import check_name
 
     name = check_name(args.study)
     url = storage_url(name, args.storage)
@@ -219,8 +205,11 @@ def cmd_check(args) -> int:
 
 def cmd_search(args) -> int:
     from segcore.data import load_folder
+    from segcore.device import pick_device
+    from segcore.rescore import export, score
     from segcore.space import load_space
-    from segcore.study import create_study, export, mask_url, score, split_data
+    from segcore.storage import mask_url
+    from segcore.study import create_study, split_data
     from segcore.workers import Launcher, parse_gpus
 
     if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
@@ -233,6 +222,7 @@ def cmd_search(args) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
     gpus = parse_gpus(args.gpus)
+    pick_device(args.device)  # a bad --device is an error now, not after the trials
     n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
     space = load_space(args.space)
     data = None
@@ -246,7 +236,7 @@ def cmd_search(args) -> int:
     code = Launcher(name, url, n_workers, gpus, args.quiet).run()
     if code or args.no_rescore:
         return code
-    print_scores(score(name, url, progress=not args.quiet))
+    print_scores(score(name, url, progress=not args.quiet, device=args.device))
     path = export(name, url)
     best = json.loads(path.read_text())
     print(f"best trial {best['trial']}: full-image mIoU {best['full_image_miou']:.4f}, "
@@ -256,10 +246,10 @@ def cmd_search(args) -> int:
 
 def cmd_report(args) -> int:
     from segcore.report import write_report
-    from segcore.study import load_study, open_storage, reports_dir
+    from segcore.study import open_study, reports_dir
 
     name, url = _study_args(args)
-    study, _ = load_study(name, open_storage(url), seed=None)
+    study, _ = open_study(name, url)
     index = write_report(study, reports_dir(name), progress=not args.quiet)
     print(f"wrote {index}")
     return 0
@@ -270,10 +260,11 @@ def cmd_dashboard(args) -> int:
     import socket
     import threading
 
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    from segcore.study import artifact_dir, load_study, mask_url, open_storage
+    from segcore.artifacts import open_store
+    from segcore.storage import mask_url, open_storage
+    from segcore.study import load_study
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
@@ -293,8 +284,7 @@ def cmd_dashboard(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: optuna-dashboard has no authentication and can "
               f"change the study; anyone who can reach this address can", file=sys.stderr)  # fmt: skip
-    artifact_dir(name).mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(artifact_dir(name)))
+    store = open_store(name)
     print(f"dashboard of study {name} ({mask_url(url)}): http://{args.host}:{args.port}/ "
           f"(Ctrl-C stops it)", flush=True)  # fmt: skip
     # The server runs in a daemon thread: wsgiref swallows a KeyboardInterrupt that lands inside a
@@ -318,22 +308,24 @@ def cmd_worker(args) -> int:
 
     import torch
 
-    from segcore.study import run_worker
+    from segcore.device import pick_device
+    from segcore.worker import run_worker
 
     threads = os.environ.get("TRAIN_OPTUNA_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
     name, url = _study_args(args)
-    return run_worker(name, url, args.seed)
+    pick_device(args.device)
+    return run_worker(name, url, args.seed, args.device)
 
 
 def cmd_score(args) -> int:
-    from segcore.study import score
+    from segcore.rescore import score
 
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {args.top_k}")
     name, url = _study_args(args)
-    print_scores(score(name, url, args.top_k, progress=not args.quiet))
+    print_scores(score(name, url, args.top_k, progress=not args.quiet, device=args.device))
     return 0
 
 
@@ -344,7 +336,7 @@ def print_scores(scores: dict) -> None:
 
 def cmd_export(args) -> int:
     from segcore.files import check_output
-    from segcore.study import export
+    from segcore.rescore import export
 
     name, url = _study_args(args)
     if args.out:
@@ -357,6 +349,10 @@ def build_parser() -> Parser:
     parser = Parser(prog="train_optuna.py", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def device_option(p):
+        p.add_argument("--device", default="auto",
+                       help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")  # fmt: skip
 
     p = sub.add_parser("data", help="write a synthetic data set in the folder format")
     p.add_argument("--out", required=True, help="new folder to write DIR/images, DIR/masks")
@@ -372,6 +368,7 @@ def build_parser() -> Parser:
     p.add_argument("--out", required=True, help="model file to write (MODEL.pt)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="full-image stitched mIoU on a labelled folder")
@@ -381,6 +378,7 @@ def build_parser() -> Parser:
                    help="only the images the model held out from training")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label masks and overlay pictures for a folder of images")
@@ -388,6 +386,7 @@ def build_parser() -> Parser:
     p.add_argument("--images", required=True, help="folder of images, or a data folder")
     p.add_argument("--out", required=True, help="folder for NAME.png masks and overlays")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("check", help="validate a search-space file without running anything")
@@ -413,16 +412,19 @@ def build_parser() -> Parser:
         "--no-rescore", action="store_true",
         help="stop when the budget is met; run score, export and report later",
     )  # fmt: skip
+    device_option(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")
     study_options(p)
     p.add_argument("--seed", type=seed_value, help="sampler seed (default: none)")
+    device_option(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("score", help="full-image stitched rescoring of the best trials")
     study_options(p)
     p.add_argument("--top-k", type=int, help="how many trials (default: the space's top_k)")
+    device_option(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("report", help="plots, top-trials table, prediction panels, index.html")

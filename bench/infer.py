@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segcore.data import synthetic_dataset
-from segcore.infer import autocast_for, predict_probs, tile_batch, tile_starts
+from segcore.device import autocast_for
+from segcore.infer import predict_probs, tile_batch, tile_starts
 from segcore.model import build_model
+from segcore.synthetic import synthetic_dataset
 
 MODELS = {"cpu-recipe (d4 w16)": (4, 16), "reference (d4 w64)": (4, 64)}
 TILE, OVERLAP = 64, 0.5

@@ -34,8 +34,10 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
     """One search to its budget; returns its figures."""
     import optuna
 
+    from segcore.rescore import score
     from segcore.space import parse_space
-    from segcore.study import create_study, open_storage, score, storage_url
+    from segcore.storage import open_storage, storage_url
+    from segcore.study import create_study
     from segcore.workers import Launcher, parse_gpus
 
     # storage/ and reports/ are relative to the working folder, as for a user

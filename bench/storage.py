@@ -13,6 +13,7 @@ the CPU recipe, whose epoch time is measured in this same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import statistics
 import sys
@@ -30,7 +31,7 @@ def storage_for(kind: str, where: str):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(where))
-    from segcore.study import open_storage
+    from segcore.storage import open_storage
 
     return open_storage(where)
 
@@ -45,19 +46,16 @@ def worker(kind: str, where: str, trials: int, epochs: int, out) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_for(kind, where)
     study = optuna.load_study(study_name="bench", storage=storage)
-    slot = None
+    lock = None
     if kind != "journal":  # the workers' lock around the ask, as in a search
-        from segcore.study import SlotLock
+        from segcore.storage import SlotLock
 
-        slot = SlotLock(storage, where, "bench")
+        lock = SlotLock(storage, where, "bench")
     times = []
     for _ in range(trials):
         start = time.perf_counter()
-        if slot:
-            slot.acquire()
-        trial = study.ask()
-        if slot:
-            slot.release()
+        with lock.held() if lock else contextlib.nullcontext():
+            trial = study.ask()
         trial.suggest_categorical("patch_size", [32, 48, 64])
         trial.suggest_float("lr", 1e-3, 0.2, log=True)
         trial.set_user_attr("config", {"depth": 4, "lr": 0.1})

@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.config import TrialConfig
-from segcore.data import synthetic_dataset
-from segcore.infer import autocast_for
+from segcore.device import autocast_for
 from segcore.model import build_model
 from segcore.patches import train_batches
+from segcore.synthetic import synthetic_dataset
 from segcore.train import make_optimizer, seg_loss
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "cpu-shapes.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from segcore.config import TrialConfig
+from segcore.device import memory_format_for
 from segcore.errors import UserError
 from segcore.model import build_model
 
@@ -91,8 +92,8 @@ def save_model(
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, payload dict) from a model file; refuses pickled code."""
+def load_model(path: str | Path, device: torch.device):
+    """(model in eval mode on `device`, payload dict) from a model file; refuses pickled code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: model file not found")
@@ -120,4 +121,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: damaged model file ({type(e).__name__}: {reason})") from None
-    return model.to(device).eval(), payload
+    model = model.to(device, memory_format=memory_format_for(device))
+    return model.eval(), payload

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segcore.device import autocast_for, memory_format_for
 from segcore.metrics import confusion_matrix, iou_per_class, mean_iou
 
 
@@ -29,13 +29,6 @@ def gaussian_weights(tile: int, sigma_scale: float = 0.125) -> torch.Tensor:
     w = g[:, None] * g[None, :]
     w = w / w.max()
     return w.clamp_min(w[w > 0].min().item())
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU, where bf16 is slower for these convolutions."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def tile_batch(model: torch.nn.Module, tile: int, device: torch.device) -> int:
@@ -76,7 +69,7 @@ def predict_probs(
         gaussian_weights(tile).to(device) if gaussian else torch.ones(tile, tile, device=device)
     )
     out, norm = None, torch.zeros(H, W, device=device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = memory_format_for(device)
     for i in range(0, len(boxes), batch):
         chunk = boxes[i : i + batch]
         tiles = torch.stack([x[:, y : y + tile, x0 : x0 + tile] for y, x0 in chunk])

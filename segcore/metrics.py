@@ -9,7 +9,7 @@ import torch
 def confusion_matrix(pred, truth, num_classes: int) -> np.ndarray:
     """(K, K) int64 counts, rows = truth, columns = prediction, of two label arrays of one shape."""
     pred = torch.as_tensor(pred).reshape(-1).long()
-    truth = torch.as_tensor(truth).reshape(-1).long()
+    truth = torch.as_tensor(truth).reshape(-1).long().to(pred.device)  # the prediction's device
     if pred.shape != truth.shape:
         raise ValueError(f"prediction has {pred.numel()} pixels, truth {truth.numel()}")
     counts = torch.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
 
 from segcore.config import TrialConfig, coerce
 from segcore.errors import UserError
+from segcore.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
 
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
 DIST_KEYS = {
@@ -24,8 +24,6 @@ DIST_KEYS = {
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
 }
-SAMPLERS = {"tpe", "random", "qmc"}
-PRUNERS = {"asha", "median", "hyperband", "none"}
 STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start"}
 
 
@@ -279,44 +277,3 @@ def suggest(trial: Any, space: Space) -> TrialConfig:
                 name, spec["low"], spec["high"], step=spec["step"], log=spec["log"]
             )
     return config_from(params, space)
-
-
-def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    """The space's sampler; its seed comes from the worker (--seed), never from the file."""
-    name, args = space.sampler["name"], space.sampler.get("args", {})
-    if "seed" in args:
-        raise UserError(f"{space.source}: study.sampler.args.seed: not here; use --seed")
-    make = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "qmc": optuna.samplers.QMCSampler,
-    }[name]
-    try:
-        return make(seed=seed, **args)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{space.source}: study.sampler.args: {e}") from None
-
-
-def build_pruner(space: Space) -> optuna.pruners.BasePruner:
-    name, args = space.pruner["name"], space.pruner.get("args", {})
-    # optuna checks these only once it prunes, in a worker: a factor of 1 divides by log(1)
-    factor, least = args.get("reduction_factor", 2), args.get("min_resource", 1)
-    if name in ("asha", "hyperband") and not (type(factor) is int and factor >= 2):
-        raise UserError(
-            f"{space.source}: study.pruner.args.reduction_factor: an integer of at least 2"
-        )
-    if name in ("asha", "hyperband") and not (least == "auto" or type(least) is int and least >= 1):
-        raise UserError(f"{space.source}: study.pruner.args.min_resource: 'auto' or at least 1")
-    epochs = space.fixed.get("epochs", TrialConfig.epochs)
-    try:
-        if name == "asha":
-            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
-        if name == "median":
-            return optuna.pruners.MedianPruner(**args)
-        if name == "hyperband":
-            return optuna.pruners.HyperbandPruner(
-                **{"min_resource": 1, "max_resource": epochs, **args}
-            )
-        return optuna.pruners.NopPruner(**args)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{space.source}: study.pruner.args: {e}") from None

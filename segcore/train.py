@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from segcore.config import TrialConfig
 from segcore.data import Dataset
+from segcore.device import autocast_for, memory_format_for, pick_device, to_device
 from segcore.errors import DivergedError
-from segcore.infer import autocast_for
 from segcore.metrics import confusion_matrix, mean_iou
 from segcore.model import build_model
 from segcore.patches import train_batches, validation_patches
@@ -43,10 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -86,16 +82,10 @@ def patch_miou(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch:
     cm = np.zeros((num_classes, num_classes), np.int64)
     with autocast_for(device):
         for i in range(0, len(x), batch):
-            xb = x[i : i + batch].to(device, non_blocking=True)
-            pred = model(_memory_format(xb, device)).argmax(1)
+            pred = model(to_device(x[i : i + batch], device)).argmax(1)
             cm += confusion_matrix(pred, y[i : i + batch].to(device), num_classes)
     model.train(was_training)
     return mean_iou(cm)
-
-
-def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels_last lets cuDNN pick its fastest kernels; on the CPU it only costs copies
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def train(
@@ -104,15 +94,16 @@ def train(
     val_set: Dataset,
     *,
     on_epoch: Callable[[int, float], None] | None = None,
-    device: str | None = None,
+    device: torch.device | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train one configuration; returns the weights of the epoch with the best patch mIoU."""
+    """Train one configuration on `device` (default: pick_device()); returns the weights of the
+    epoch with the best patch mIoU."""
     seed_everything(cfg.seed)
-    dev = pick_device(device)
+    dev = device or pick_device()
     k = len(train_set.classes)
     model = build_model(cfg.arch, train_set.channels, k, cfg.depth, cfg.base_width, cfg.max_width)
-    model = model.to(dev, memory_format=torch.channels_last if dev.type == "cuda" else None)
+    model = model.to(dev, memory_format=memory_format_for(dev))
     optimizer = make_optimizer(cfg, model.parameters())
     total = cfg.epochs * cfg.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -138,7 +129,7 @@ def train(
             started, losses = time.perf_counter(), []
             for step in range(cfg.steps_per_epoch):
                 x, y = next(stream)
-                x = _memory_format(x.to(dev, non_blocking=True), dev)
+                x = to_device(x, dev)
                 y = y.to(dev, non_blocking=True)
                 with autocast_for(dev):
                     loss = seg_loss(model(x), y, cfg.loss)

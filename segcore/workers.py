@@ -13,7 +13,9 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.errors import UserError
-from segcore.study import GAVE_UP, GIVE_UP_AFTER, STORAGE_ENV, budget, counts, open_storage
+from segcore.storage import STORAGE_ENV, open_storage
+from segcore.study import budget, counts
+from segcore.worker import GAVE_UP, GIVE_UP_AFTER
 
 ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from segcore.config import TrialConfig
-from segcore.data import write_synthetic
 from segcore.files import save_model
 from segcore.model import build_model
+from segcore.synthetic import write_synthetic
 from train_optuna import main
 
 TINY_SPACE = """
@@ -322,6 +322,10 @@ CASES = [
     ("top-k-0", None, ["score", "--study", "x", "--top-k", "0"], "--top-k: must be at least 1"),
     ("dashboard-host", a_study, ["dashboard", "--study", "x", "--host", "999.1.1.1"],
      "--host 999.1.1.1: cannot listen there"),
+    ("device-word", None, ["evaluate", "--model", "m.pt", "--device", "tpu"],
+     "--device 'tpu': use auto, cpu, cuda or cuda:N"),
+    ("device-no-cuda", None, ["train", "--config", "cfg.json", "--out", "x.pt", "--device",
+     "cuda"], "--device cuda: no CUDA device is visible"),
     ("port-range", None, ["dashboard", "--study", "x", "--port", "70000"], "--port 70000: must"),
 ]
 # fmt: on

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_size": 4,
         "epochs": 2, "steps_per_epoch": 3, "val_patches_per_image": 4, "aug_strength": 0.5}  # fmt: skip

@@ -32,6 +32,8 @@ from segcore.files import save_model, write_text
 from segcore.space import load_space
 from segcore.study import create_study
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+
 
 @pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
 def workdir(tmp_path_factory):
@@ -266,6 +268,7 @@ import os, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from segcore.config import TrialConfig
 from segcore.files import save_model, write_text
+
 
 class Crash(str):  # killed part-way through being written out
     def __reduce__(self):

@@ -12,6 +12,8 @@ import pytest
 from helpers import Dashboard, cli, tiny_space, trials_via_optuna_cli
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 

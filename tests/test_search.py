@@ -4,13 +4,16 @@ checked with the independent `optuna` command line. Faults are in tests/test_fau
 from __future__ import annotations
 
 import json
+import shutil
 
 import optuna
 import pytest
 import torch
 from helpers import Dashboard, cli, states, tiny_space, trials_via_optuna_cli
 
-from segcore.study import trial_artifacts
+from segcore.artifacts import listed
+
+pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
 
 
 @pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
@@ -52,10 +55,10 @@ def check_checkpoints(searched, name, url):
     top = {t["number"] for t in done[:2]}
     study = optuna.load_study(study_name=name, storage=url)
     number_of = {t._trial_id: t.number for t in study.trials}
-    live = {meta["artifact_id"]: number_of[trial_id] for trial_id, _, meta in trial_artifacts(study)
+    live = {meta["artifact_id"]: number_of[trial_id] for trial_id, _, meta in listed(study)
             if meta["filename"] == "checkpoint.pt"}  # fmt: skip
     files = {f.name for f in (searched / "storage" / name / "artifacts").iterdir()}
-    checkpoints = files - {a for _, _, m in trial_artifacts(study) for a in [m["artifact_id"]]
+    checkpoints = files - {a for _, _, m in listed(study) for a in [m["artifact_id"]]
                            if m["filename"] != "checkpoint.pt"}  # fmt: skip
     assert checkpoints == set(live) and set(live.values()) == top, (live, top)
 
@@ -74,18 +77,22 @@ def test_scores_and_best_json_retrain_reproduces(searched):
     assert abs(again - best["patch_miou"]) <= 0.01, (again, best["patch_miou"])
 
 
-def test_resume_tops_up_to_the_budget(searched):
-    cli(searched, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
+def test_resume_tops_up_to_the_budget(searched, tmp_path):
+    copy = tmp_path / "copy"  # a copy: the session's study stays as the other tests read it
+    shutil.copytree(searched, copy)
+    cli(copy, "search", "--space", "space.yaml", "--study", "s", "--data", searched / "d",
         "--workers", 2, "--n-trials", 10, "--quiet", "--no-rescore")  # fmt: skip
-    counts = states(trials_via_optuna_cli(searched, "s"))
+    counts = states(trials_via_optuna_cli(copy, "s"))
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 10, counts
 
 
-def test_score_and_export_commands(searched):
-    out = cli(searched, "score", "--study", "s", "--top-k", 1)
+def test_score_and_export_commands(searched, tmp_path):
+    copy = tmp_path / "copy"  # rescoring rewrites scores.json: not the session's study
+    shutil.copytree(searched, copy)
+    out = cli(copy, "score", "--study", "s", "--top-k", 1)
     assert out.stdout.count("full-image mIoU") == 1
-    cli(searched, "export", "--study", "s", "--out", "b2.json")
-    assert json.loads((searched / "b2.json").read_text())["study"] == "s"
+    cli(copy, "export", "--study", "s", "--out", "b2.json")
+    assert json.loads((copy / "b2.json").read_text())["study"] == "s"
 
 
 def test_every_command_on_postgres(workdir, postgres_url):

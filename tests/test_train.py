@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from segcore.config import TrialConfig
-from segcore.data import synthetic_dataset
 from segcore.errors import DivergedError
 from segcore.model import build_model
 from segcore.patches import validation_patches
+from segcore.synthetic import synthetic_dataset
 from segcore.train import lr_factor, patch_miou, train
 
 torch.set_num_threads(1)

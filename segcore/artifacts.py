@@ -1,0 +1,68 @@
+"""The artifact store of a study, and the one adapter that lists files on trials' pages.
+
+Why an adapter: optuna's public `upload_artifact` lists a file in the trial's own system
+attributes, which freeze when the trial finishes and cannot drop an entry again. Our files need
+both: a checkpoint that falls out of the top K is deleted and must leave the trial's page, and
+rescoring adds pictures to trials long finished. optuna-dashboard (0.21) also lists the files
+named in the study's system attributes under `dashboard:artifacts:<trial_id>:<artifact_id>`, and
+its own delete button clears them there; this module is the only code that reads or writes those
+keys. Reading a file back goes through optuna's public `download_artifact`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from pathlib import Path
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
+
+
+def store_dir(name: str) -> Path:
+    return Path("storage") / name / "artifacts"
+
+
+def open_store(name: str) -> FileSystemArtifactStore:
+    """The study's artifact store under storage/NAME/artifacts (created: optuna does not)."""
+    store_dir(name).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(store_dir(name)))
+
+
+def listed(study: optuna.Study) -> list[tuple[int, str, dict]]:
+    """(trial_id, attribute key, meta) of every file listed on a trial's page."""
+    out = []
+    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(PREFIX) and value not in (None, "null"):
+            meta = json.loads(value)
+            if meta:
+                out.append((int(key[len(PREFIX) :].split(":")[0]), key, meta))
+    return out
+
+
+def attach(study: optuna.Study, trial_id: int, path: Path, store, mimetype: str) -> str:
+    """Put a file in the store and list it on the trial's page (running or finished)."""
+    artifact_id = str(uuid.uuid4())  # the dashboard serves only ids of hex digits and dashes
+    with open(path, "rb") as f:
+        store.write(artifact_id, f)
+    meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": mimetype,
+            "encoding": None}  # fmt: skip
+    key = f"{PREFIX}{trial_id}:{artifact_id}"
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
+    return artifact_id
+
+
+def detach(study: optuna.Study, key: str, artifact_id: str, store) -> None:
+    """Delete a listed file and take it off its trial's page."""
+    with contextlib.suppress(ArtifactNotFound):  # another process removed it first
+        store.remove(artifact_id)
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
+
+
+def fetch(store, artifact_id: str, path: Path) -> None:
+    """Copy an artifact to `path` (which must not exist); ArtifactNotFound if it is gone."""
+    download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))

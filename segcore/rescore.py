@@ -1,0 +1,105 @@
+"""After the trials: stitched full-image rescoring of the top K, their prediction panels, export."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from segcore.artifacts import attach, detach, listed, open_store
+from segcore.checkpoints import checkpoints, load_checkpoint, top_trials
+from segcore.data import Dataset
+from segcore.device import pick_device
+from segcore.errors import UserError
+from segcore.files import write_text
+from segcore.infer import evaluate
+from segcore.pictures import prediction_panel
+from segcore.study import open_study, reports_dir, study_data
+
+PANEL_IMAGES = 3  # prediction pictures per rescored trial
+
+
+def score(
+    name: str, url: str, top_k: int | None = None, progress: bool = True, panels: bool = True,
+    device: str | None = None,
+) -> dict:  # fmt: skip
+    """Stitched full-image mIoU of the top-K trials on the validation images (and their
+    prediction pictures, unless `panels` is false)."""
+    study, space = open_study(name, url)
+    dev = pick_device(device)
+    store = open_store(name)
+    found = checkpoints(study)
+    top = [t for t in top_trials(study, top_k or space.top_k) if t._trial_id in found]
+    if not top:
+        raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
+    _, val_set = study_data(study, space)
+    keep = {f"trial-{t.number}-" for t in top}
+    for old in (reports_dir(name) / "panels").glob("trial-*.png"):  # trials no longer rescored
+        if not any(old.name.startswith(k) for k in keep):
+            old.unlink()
+    scores = {}
+    shown: dict[int, np.ndarray] = {}  # the panel images' probabilities, kept from scoring
+
+    def remember(i: int, probs: torch.Tensor) -> None:
+        if panels and i < PANEL_IMAGES:
+            shown[i] = probs.cpu().numpy()
+
+    for t in top:
+        model, payload = load_checkpoint(study, t, store, dev)
+        shown.clear()
+        result = evaluate(model, val_set, payload["config"], progress=progress, on_image=remember)
+        scores[str(t.number)] = {"patch_miou": t.value, **result}
+        if panels:
+            attach_panels(study, t, shown, payload, val_set, result["miou"], store)
+    study.set_user_attr("full_image_scores", scores)
+    write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def attach_panels(
+    study, trial, probs: dict[int, np.ndarray], payload, val_set: Dataset, miou: float, store
+) -> None:
+    """Prediction panels of the first validation images (`probs`: index -> class probabilities):
+    trial artifacts and reports/NAME/panels/."""
+    for trial_id, key, meta in listed(study):  # rescoring replaces the old pictures
+        if trial_id == trial._trial_id and meta.get("filename", "").startswith("prediction-"):
+            detach(study, key, meta["artifact_id"], store)
+    panels = reports_dir(study.study_name) / "panels"
+    names = ", ".join(payload["classes"])
+    for i in sorted(probs):
+        image, name = val_set.images[i], val_set.names[i]
+        title = f"trial {trial.number}: full-image mIoU {miou:.4f} ({names}) - {name}"
+        path = panels / f"trial-{trial.number}-{name}.png"
+        prediction_panel(path, image, probs[i], payload["classes"], payload["palette"],
+                         val_set.masks[i], title=title)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            upload = Path(tmp) / f"prediction-{name}.png"
+            upload.write_bytes(path.read_bytes())
+            attach(study, trial._trial_id, upload, store, "image/png")
+
+
+def export(name: str, url: str, out: str | Path | None = None) -> Path:
+    """Write best.json for the trial with the best full-image mIoU."""
+    study, _ = open_study(name, url)
+    scores = study.user_attrs.get("full_image_scores")
+    if not scores:
+        raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
+    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    trial = study.trials[int(number)]
+    payload = {
+        "config": trial.user_attrs["config"],
+        "study": name,
+        "trial": trial.number,
+        "patch_miou": best["patch_miou"],
+        "full_image_miou": best["miou"],
+        "per_class": best["per_class"],
+        "params": trial.params,
+        "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
+    }
+    path = Path(out) if out else reports_dir(name) / "best.json"
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path

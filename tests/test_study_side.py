@@ -1,0 +1,220 @@
+"""The study side in-process, fast: slot taking, one trial's run and tell, checkpoint keeping,
+rescoring and export, the slot lock, warm start with TPE. Real optuna trials on a temporary
+SQLite file; tiny models on tiny images, so each test takes well under a second or two."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from segcore.artifacts import listed, open_store
+from segcore.checkpoints import (
+    checkpoints,
+    drop_checkpoints,
+    load_checkpoint,
+    top_trials,
+    would_be_top,
+)
+from segcore.errors import UserError
+from segcore.rescore import export, score
+from segcore.space import parse_space
+from segcore.storage import SlotLock, open_storage
+from segcore.study import create_study, study_data, warm_start_params
+from segcore.synthetic import write_synthetic
+from segcore.worker import DONE, INTERRUPTED, WAIT, Interrupts, run_trial, take_slot, tell
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+SPACE = {
+    "search": {
+        "patch_size": {"type": "categorical", "choices": [16, 32]},
+        "lr": {"type": "float", "low": 1.0e-3, "high": 0.3, "log": True},
+    },
+    "fixed": {"depth": 1, "epochs": 2, "steps_per_epoch": 2, "batch_size": 2, "base_width": 4,
+              "max_width": 8, "val_patches_per_image": 2, "aug_strength": 0.0},
+    "study": {"n_trials": 3, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+              "top_k": 2},
+}  # fmt: skip
+
+
+class Run:
+    """A created study on a temporary SQLite file, with its data, store and space."""
+
+    def __init__(self, tmp_path, monkeypatch, raw=None, pruner=None):
+        monkeypatch.chdir(tmp_path)
+        write_synthetic(tmp_path / "d", 5, 0, 48, 32)
+        (tmp_path / "storage").mkdir()
+        self.url = f"sqlite:///{tmp_path}/storage/s.db"
+        self.space = parse_space(raw or SPACE, "space.yaml")
+        self.study, _ = create_study("s", self.url, self.space, str(tmp_path / "d"), None)
+        if pruner is not None:  # the same study, seen through another pruner
+            self.study = optuna.load_study(study_name="s", storage=self.url, pruner=pruner)
+        self.data = study_data(self.study, self.space)
+        self.store = open_store("s")
+        self.lock = SlotLock(open_storage(self.url), self.url, "s")
+
+    def trial(self, interrupts=None, **params):
+        """Take a slot (with `params` enqueued first) and run the trial; returns (trial, outcome)."""
+        if params:
+            self.study.enqueue_trial(params)
+        trial = take_slot(self.study, self.lock)
+        assert not isinstance(trial, str), trial
+        outcome = run_trial(self.study, trial, self.space, self.data, self.store,
+                            interrupts or Interrupts(), CPU)  # fmt: skip
+        tell(self.study, trial, outcome)
+        return self.study.trials[trial.number], outcome
+
+
+GOOD = {"patch_size": 16, "lr": 0.05}
+
+
+def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)
+    trial, outcome = run.trial(**GOOD)
+    assert trial.state == TrialState.COMPLETE and trial.value == outcome.value
+    assert trial.value == max(trial.intermediate_values.values())
+    assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
+    assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["pid"] > 0
+    assert set(checkpoints(run.study)) == {trial._trial_id}
+    model, payload = load_checkpoint(run.study, trial, run.store, CPU)
+    assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
+
+
+def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch):
+    always = optuna.pruners.ThresholdPruner(lower=2.0)  # every mIoU is below 2: prune at once
+    run = Run(tmp_path, monkeypatch, pruner=always)
+    trial, _ = run.trial(**GOOD)
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    trial, _ = run.trial(patch_size=16, lr=1.0e30)
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"].startswith("diverged: loss became")
+    interrupts = Interrupts()
+    interrupts.requested = True  # a signal came between trials: the next one stops at once
+    trial, _ = run.trial(interrupts, **GOOD)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == INTERRUPTED
+    assert not checkpoints(run.study)  # none of them completed
+
+
+def test_take_slot_counts_the_budget_and_running_trials(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)  # budget 3
+    first = take_slot(run.study, run.lock)
+    second = take_slot(run.study, run.lock)
+    third = take_slot(run.study, run.lock)
+    assert [t.number for t in (first, second, third)] == [0, 1, 2]
+    assert take_slot(run.study, run.lock) is WAIT  # every slot is held by a running trial
+    run.study.tell(first, state=TrialState.FAIL)  # a failed trial frees its slot
+    fourth = take_slot(run.study, run.lock)
+    assert fourth.number == 3
+    for t in (second, third, fourth):
+        run.study.tell(t, 0.5)
+    assert take_slot(run.study, run.lock) is DONE
+    run.study.set_user_attr("n_trials", 4)  # --n-trials raises the budget
+    run.study.enqueue_trial(GOOD)
+    waiting = take_slot(run.study, run.lock)  # an enqueued (or retried) trial is picked first
+    assert run.study.trials[waiting.number].system_attrs["fixed_params"] == GOOD
+
+
+def test_tell_after_the_heartbeat_failed_the_trial_goes_on(tmp_path, monkeypatch, caplog):
+    run = Run(tmp_path, monkeypatch)
+    trial = take_slot(run.study, run.lock)
+    run.study.tell(trial, state=TrialState.FAIL)  # what fail_stale_trials does to a silent one
+    from segcore.worker import Outcome
+
+    with caplog.at_level(logging.WARNING, logger="segcore.worker"):
+        tell(run.study, trial, Outcome(TrialState.COMPLETE, 0.9))
+    assert run.study.trials[0].state == TrialState.FAIL and "failed meanwhile" in caplog.text
+
+
+def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)
+    other = SlotLock(open_storage(run.url), run.url, "s")
+    other.WAIT_S = 0.2
+    with run.lock.held() as held:
+        assert held
+        with other.held() as got:
+            assert not got  # waited, then went on without it
+    with other.held() as got:
+        assert got
+
+
+def finished(study, values):
+    """COMPLETE trials with these values, added directly (no training)."""
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for v in values:
+        study.add_trial(optuna.trial.create_trial(params={"x": v}, distributions={"x": dist},
+                                                  value=v))  # fmt: skip
+    return study.get_trials(deepcopy=False)
+
+
+def test_top_trials_order_ties_and_would_be_top(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)
+    finished(run.study, [0.5, 0.9, 0.7, 0.9])
+    assert [t.number for t in top_trials(run.study, 3)] == [1, 3, 2]  # ties: the earlier first
+    assert would_be_top(run.study, 3, 0.71, 10) and not would_be_top(run.study, 3, 0.7, 10)
+    assert would_be_top(run.study, 5, 0.1, 10)  # fewer than K so far
+
+
+def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)  # top_k 2
+    for lr in (0.05, 0.1, 0.2):
+        run.trial(patch_size=16, lr=lr)
+    run.study.set_user_attr("n_trials", 4)
+    running = take_slot(run.study, run.lock)
+    from segcore.checkpoints import store_checkpoint
+
+    done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
+    model, payload = load_checkpoint(run.study, done[0], run.store, CPU)
+    store_checkpoint(run.study, running._trial_id, model.state_dict(), payload["config"],
+                     run.data[0], {}, run.store)  # fmt: skip
+    drop_checkpoints(run.study, 2, run.store)
+    keep = {t._trial_id for t in top_trials(run.study, 2)} | {running._trial_id}
+    assert set(checkpoints(run.study)) == keep
+    files = {p.name for p in (tmp_path / "storage" / "s" / "artifacts").iterdir()}
+    assert files == {artifact for _, artifact in checkpoints(run.study).values()}
+    lost = next(t for t in done if t._trial_id not in keep)
+    with pytest.raises(UserError, match=f"trial {lost.number}'s checkpoint is not in"):
+        load_checkpoint(run.study, lost, run.store, CPU)
+
+
+def test_score_and_export_pick_the_best_full_image_trial(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)
+    for lr in (0.05, 0.2):
+        run.trial(patch_size=16, lr=lr)
+    scores = score("s", run.url, progress=False)
+    assert set(scores) == {"0", "1"}
+    for number, s in scores.items():
+        assert s["patch_miou"] == run.study.trials[int(number)].value and s["images"] == 1
+    assert run.study.user_attrs["full_image_scores"] == json.loads(
+        (tmp_path / "reports" / "s" / "scores.json").read_text()
+    )
+    pictures = [m for _, _, m in listed(run.study) if m["filename"].startswith("prediction-")]
+    assert len(pictures) == 2  # one validation image per rescored trial
+    best = json.loads(export("s", run.url).read_text())
+    winner = max(scores, key=lambda n: (scores[n]["miou"], -int(n)))
+    assert best["trial"] == int(winner) and best["full_image_miou"] == scores[winner]["miou"]
+    assert best["config"] == run.study.trials[int(winner)].user_attrs["config"]
+    score("s", run.url, progress=False)  # rescoring replaces the pictures, not adds to them
+    assert len([m for _, _, m in listed(run.study) if m["filename"].startswith("pred")]) == 2
+
+
+def test_warm_start_is_the_first_trial_and_tpe_samples_after_it(tmp_path, monkeypatch):
+    raw = json.loads(json.dumps(SPACE))
+    raw["search"]["depth"] = {"type": "int", "low": 1, "high": 2}
+    raw["fixed"].pop("depth")
+    raw["study"].update({"sampler": {"name": "tpe", "args": {"n_startup_trials": 1}},
+                         "warm_start": True, "n_trials": 3})  # fmt: skip
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    expected = warm_start_params(run.space)
+    assert expected == {"patch_size": 16, "depth": 2, "lr": 0.05}  # 64 not offered; 4 clamped
+    first, _ = run.trial()
+    assert first.params == expected
+    for _ in range(2):
+        t, _ = run.trial()
+        assert t.state == TrialState.COMPLETE and set(t.params) == set(expected)
+    assert take_slot(run.study, run.lock) is DONE
