@@ -82,7 +82,7 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
     assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["pid"] > 0
     assert set(checkpoints(run.study)) == {trial._trial_id}
-    model, payload = load_checkpoint(run.study, trial, run.store, CPU)
+    _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
 
 
