@@ -65,7 +65,10 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from segcore.config import TrialConfig
+    import torch
+
+    from segcore.config import TrialConfig, read_record
+    from segcore.data import check_test_data, load_folder, split_dataset
     from segcore.device import pick_device
     from segcore.files import check_output
     from segcore.fit import fit
@@ -75,32 +78,67 @@ def cmd_train(args) -> int:
         cfg = TrialConfig.from_dict({**cfg.to_dict(), "epochs": args.epochs}, "--epochs")
     check_output(args.out, "--out")
     device = pick_device(args.device)
-    dataset = load_data(args.data)
-    data_name = str(args.data) if args.data else "synthetic"
-    done = fit(cfg, dataset, args.out, data_name=data_name, device=device,
-               progress=not args.quiet)  # fmt: skip
-    print(
-        f"saved {args.out}: best epoch {done['best_epoch'] + 1}/{cfg.epochs}, "
-        f"patch mIoU {done['patch_miou']:.4f}, full-image mIoU {done['full_image_miou']:.4f} "
-        f"on {len(done['val_names'])} held-out images"
-    )
+    record = read_record(args.config)  # an exported best.json: its data, split and threads
+    data = args.data or record.get("data")
+    test_data = args.test_data or record.get("test_data")
+    if record.get("threads") and device.type == "cpu":
+        torch.set_num_threads(record["threads"])  # CPU results depend on the thread count
+    if data and not args.data:
+        print(f"note: no --data given; using {data} from {args.config}", file=sys.stderr)
+    dataset = load_data(data)
+    test = None
+    if test_data:
+        test = load_folder(test_data)
+        check_test_data(dataset, test, "--test-data" if args.test_data else str(args.config))
+    splits = split_dataset(dataset, cfg, test)
+    if record.get("split") and record["split"] != splits.names():
+        print(f"note: these images split differently from {args.config}'s split; its test mIoU "
+              f"is not comparable with this one", file=sys.stderr)  # fmt: skip
+    print(f"images: {len(splits.train.names)} train, {len(splits.val.names)} validation, "
+          f"{len(splits.test.names)} test; training on {cfg.train_on}", file=sys.stderr)  # fmt: skip
+    sources = {"data": str(Path(data).resolve()) if data else None,
+               "test_data": str(Path(test_data).resolve()) if test_data else None}  # fmt: skip
+    done = fit(cfg, splits, args.out, sources=sources, device=device, progress=not args.quiet)
+    patch = done["validation_patch_miou"]
+    chosen = "" if patch is None else f" (best validation patch mIoU {patch:.4f})"
+    test = done["test"]
+    print(f"saved {args.out}: kept epoch {done['kept_epoch'] + 1}/{cfg.epochs}{chosen}; "
+          f"test mIoU {test['miou']:.4f} on {test['images']} test images")  # fmt: skip
     return 0
 
 
-def _model_and_data(args, folder: str | None):
+def _model_and_data(args, folder: str | None, part: str | None = None):
+    """(model, model-file payload, images): `folder`; with `part` (train, validation, test) only
+    the images of that part of the model's split, from the model's own data when no folder."""
+    from segcore.data import dataset_from, load_images
     from segcore.device import pick_device
     from segcore.files import load_model
 
     model, meta = load_model(args.model, pick_device(args.device))
-    if folder is None:
+    extra = meta["extra"]
+    if part is not None:
+        names = (extra.get("split") or {}).get(part)
+        if names is None:
+            raise UserError(f"--split {part}: {args.model} records no split (an older model file)")
+        if folder is None:
+            folder = (extra.get("test_data") if part == "test" else None) or extra.get("data")
+            where = folder or "synthetic data (seed 0)"
+            print(f"note: no --data given; using the model's {part} images from {where}",
+                  file=sys.stderr)  # fmt: skip
+        dataset = dataset_from(folder)
+        keep = set(names)
+        idx = [i for i, n in enumerate(dataset.names) if n in keep]
+        if len(idx) != len(keep):
+            raise UserError(f"--split {part}: {len(keep) - len(idx)} of {args.model}'s {part} "
+                            f"images are not in {folder or 'the synthetic data'}")  # fmt: skip
+        dataset = dataset.subset(idx)
+    elif folder is None:
         from segcore.synthetic import synthetic_dataset
 
         print(f"note: no --data given; using 20 synthetic images (seed {EVAL_DATA_SEED})",
               file=sys.stderr)  # fmt: skip
         dataset = synthetic_dataset(20, EVAL_DATA_SEED)
     else:
-        from segcore.data import load_images
-
         dataset = load_images(folder)
     if dataset.channels != meta["in_channels"]:
         raise UserError(
@@ -120,21 +158,16 @@ def _model_and_data(args, folder: str | None):
 def cmd_evaluate(args) -> int:
     from segcore.infer import evaluate
 
-    model, meta, dataset = _model_and_data(args, args.data)
+    model, meta, dataset = _model_and_data(args, args.data, args.split)
     if dataset.masks is None:
         raise UserError(f"{args.data}: evaluate needs masks (DIR/images and DIR/masks)")
-    if args.held_out:
-        keep = set(meta["extra"].get("val_names", []))
-        idx = [i for i, n in enumerate(dataset.names) if n in keep]
-        if not idx:
-            raise UserError(f"--held-out: none of {args.model}'s held-out images are in the data")
-        dataset = dataset.subset(idx)
     dataset.classes = meta["classes"]
     scores = evaluate(model, dataset, meta["config"], progress=not (args.quiet or args.json))
     if args.json:
-        print(json.dumps(scores))
+        print(json.dumps({**scores, "split": args.split}))
     else:
-        print(f"mIoU {scores['miou']:.4f} over {scores['images']} images")
+        which = f"{args.split} " if args.split else ""
+        print(f"{which}mIoU {scores['miou']:.4f} over {scores['images']} images")
         for name, iou in scores["per_class"].items():
             print(f"  {name:>16}: " + ("absent" if iou is None else f"{iou:.4f}"))
     return 0
@@ -204,12 +237,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from segcore.data import load_folder
     from segcore.device import pick_device
-    from segcore.rescore import export, score
+    from segcore.final import export, final_fit
+    from segcore.rescore import score
     from segcore.space import load_space
-    from segcore.storage import mask_url
-    from segcore.study import create_study, split_data
+    from segcore.storage import check_url, default_url, mask_url, storage_url
+    from segcore.study import check_name, create_study, load_splits
     from segcore.workers import Launcher, parse_gpus
 
     if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
@@ -222,26 +255,64 @@ def cmd_search(args) -> int:
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
     gpus = parse_gpus(args.gpus)
-    pick_device(args.device)  # a bad --device is an error now, not after the trials
+    device = pick_device(args.device)  # a bad --device is an error now, not after the trials
     n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
     space = load_space(args.space)
-    data = None
-    if args.data:
-        split_data(load_folder(args.data), space)  # every file checked before any worker
-        data = str(Path(args.data).resolve())
+    url = storage_url(check_name(args.study), args.storage)
+    if url != default_url(args.study):  # the default's folder is made below, after the checks
+        check_url(url)  # before the data, which takes a while to read
+    data = str(Path(args.data).resolve()) if args.data else None
+    test_data = str(Path(args.test_data).resolve()) if args.test_data else None
+    splits = load_splits(data, test_data, space)  # every file checked before any worker
     name, url = _study_args(args, create=True)
-    create_study(name, url, space, data, args.n_trials)
-    print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/",
+    create_study(name, url, space, data, args.n_trials, test_data, splits.names())
+    print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/; "
+          f"images: {len(splits.train.names)} train, {len(splits.val.names)} validation "
+          f"(chooses), {len(splits.test.names)} test (read only by the final fit)",
           file=sys.stderr)  # fmt: skip
     code = Launcher(name, url, n_workers, gpus, args.quiet).run()
     if code or args.no_rescore:
         return code
     print_scores(score(name, url, progress=not args.quiet, device=args.device))
-    path = export(name, url)
-    best = json.loads(path.read_text())
-    print(f"best trial {best['trial']}: full-image mIoU {best['full_image_miou']:.4f}, "
-          f"patch mIoU {best['patch_miou']:.4f}; wrote {path}")  # fmt: skip
-    return cmd_report(args)
+    best = json.loads(export(name, url).read_text())
+    print(f"winner: trial {best['trial']}, validation full-image mIoU "
+          f"{best['validation']['full_image_miou']:.4f}")  # fmt: skip
+    if not args.no_final:
+        print(f"final fit of trial {best['trial']} ({best['config']['epochs']} epochs of "
+              f"{best['config']['steps_per_epoch']} steps, on {best['config']['train_on']})",
+              file=sys.stderr)  # fmt: skip
+        final_fit(name, url, device=device, progress=not args.quiet)
+    cmd_report(args)
+    print_final(name, url)
+    return 0
+
+
+def print_final(name: str, url: str) -> None:
+    """The last lines of a search or `final`: the model handed over, its honest figure."""
+    from segcore.final import best_record
+    from segcore.study import open_study, reports_dir
+
+    study, space = open_study(name, url)
+    best = best_record(study, space)
+    v = best["validation"]["full_image_miou"]
+    if best["test"] is None:
+        print(f"best config: {reports_dir(name)}/best.json (trial {best['trial']}, validation "
+              f"full-image mIoU {v:.4f}); no final fit: run `final --study {name}`")  # fmt: skip
+        return
+    t = best["test"]
+    print(f"best model: {best['model']}: test mIoU {t['miou']:.4f} on {t['images']} test images "
+          f"(validation full-image mIoU {v:.4f}, which chose it); config "
+          f"{reports_dir(name)}/best.json")  # fmt: skip
+
+
+def cmd_final(args) -> int:
+    from segcore.device import pick_device
+    from segcore.final import final_fit
+
+    name, url = _study_args(args)
+    final_fit(name, url, device=pick_device(args.device), progress=not args.quiet)
+    print_final(name, url)
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -331,17 +402,22 @@ def cmd_score(args) -> int:
 
 def print_scores(scores: dict) -> None:
     for number, s in scores.items():
-        print(f"trial {number}: patch mIoU {s['patch_miou']:.4f}, full-image mIoU {s['miou']:.4f}")
+        print(f"trial {number}: validation patch mIoU {s['patch_miou']:.4f}, validation "
+              f"full-image mIoU {s['miou']:.4f}")  # fmt: skip
 
 
 def cmd_export(args) -> int:
     from segcore.files import check_output
-    from segcore.rescore import export
+    from segcore.final import export
 
     name, url = _study_args(args)
     if args.out:
         check_output(args.out, "--out")
-    print(f"wrote {export(name, url, args.out)}")
+    if args.model:
+        check_output(args.model, "--model")
+    print(f"wrote {export(name, url, args.out, args.model)}")
+    if args.model:
+        print(f"wrote {args.model} (the winner trial's own checkpoint, not the final fit)")
     return 0
 
 
@@ -362,9 +438,10 @@ def build_parser() -> Parser:
     p.add_argument("--width", type=int, default=200, help="image width (default 200)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train one configuration and save a model file")
+    p = sub.add_parser("train", help="train one configuration, score its test images, save it")
     p.add_argument("--config", required=True, help="config JSON or exported best-config JSON")
-    p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+    p.add_argument("--data", help="labelled data folder (default: best.json's, else synthetic)")
+    p.add_argument("--test-data", help="labelled folder of test images (default: split off)")
     p.add_argument("--out", required=True, help="model file to write (MODEL.pt)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -374,8 +451,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("evaluate", help="full-image stitched mIoU on a labelled folder")
     p.add_argument("--model", required=True, help="model file from train")
     p.add_argument("--data", help="labelled data folder (default: 20 synthetic images, seed 1)")
-    p.add_argument("--held-out", action="store_true",
-                   help="only the images the model held out from training")  # fmt: skip
+    p.add_argument("--split", choices=("train", "validation", "test"),
+                   help="only this part of the model's split (default --data: the model's)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     device_option(p)
@@ -403,6 +480,7 @@ def build_parser() -> Parser:
     p.add_argument("--space", required=True, help="search-space YAML (search_spaces/quick.yaml)")
     study_options(p)
     p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+    p.add_argument("--test-data", help="labelled folder of test images (default: split off)")
     p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
     p.add_argument("--workers", type=int,
                    help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
@@ -410,8 +488,10 @@ def build_parser() -> Parser:
     p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     p.add_argument(
         "--no-rescore", action="store_true",
-        help="stop when the budget is met; run score, export and report later",
+        help="stop when the budget is met; run score, export, final and report later",
     )  # fmt: skip
+    p.add_argument("--no-final", action="store_true",
+                   help="no final fit: best.json only, no best.pt")  # fmt: skip
     device_option(p)
     p.set_defaults(func=cmd_search)
 
@@ -437,9 +517,15 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("export", help="best-config JSON of the best trial by full-image mIoU")
+    p = sub.add_parser("final", help="train the winner at the final budget, score it on test")
+    study_options(p)
+    device_option(p)
+    p.set_defaults(func=cmd_final)
+
+    p = sub.add_parser("export", help="best-config JSON of the winner (best validation mIoU)")
     study_options(p)
     p.add_argument("--out", help="file to write (default reports/NAME/best.json)")
+    p.add_argument("--model", help="also write the winner trial's own checkpoint as a model file")
     p.set_defaults(func=cmd_export)
     return parser
 

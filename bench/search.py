@@ -41,6 +41,9 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
     from segcore.workers import Launcher, parse_gpus
 
     # storage/ and reports/ are relative to the working folder, as for a user
+    if rescore_all:  # keep every completed trial's checkpoint, not only the running top K, so
+        # that a trial that reached a target and later dropped out of the top K still counts
+        raw = {**raw, "study": {**raw["study"], "top_k": n_trials + 1}}
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         Path("storage").mkdir()
         url = storage_url(name, None)

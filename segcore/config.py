@@ -14,6 +14,7 @@ ARCHS = ("unet", "unet3plus")
 OPTIMIZERS = ("sgd", "adamw")
 LOSSES = ("ce", "ce+dice")
 SCHEDULES = ("step", "poly", "constant")
+TRAIN_ON = ("train", "train+val")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,17 @@ class TrialConfig:
     aug_strength: float = 0.5
     # share of patches centred on a foreground pixel (thin classes are rare)
     fg_fraction: float = 0.33
-    # validation: held-out whole images, and a fixed patch set drawn from them
+    # the split by whole image: test images are only ever used to score the final model;
+    # validation images choose (best epoch, pruning, the top K, the winner)
+    test_fraction: float = 0.2
     val_fraction: float = 0.2
+    # the fixed validation patch set: per image, and their side (0 = patch_size; a search sets
+    # one side for all its trials, so that every trial is scored on the same pixels)
     val_patches_per_image: int = 8
+    val_patch_size: int = 0
+    # what `train` and a search's final fit train on: "train", keeping the epoch of best
+    # validation patch mIoU, or "train+val", keeping the last epoch (README: why the default)
+    train_on: str = "train"
     # stitched inference: tiles of tile_size (0 = patch_size) spaced with this overlap
     tile_size: int = 0
     tile_overlap: float = 0.5
@@ -69,7 +78,12 @@ class TrialConfig:
                 f"config field 'patch_size': must be at least 2 * 2**depth = {2 * multiple} "
                 f"(depth {self.depth}), got {self.patch_size}"
             )
-        for name in ("patch_size", "tile_size"):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError(
+                f"config field 'test_fraction': with val_fraction {self.val_fraction} it leaves "
+                f"no training images, got {self.test_fraction}"
+            )
+        for name in ("patch_size", "tile_size", "val_patch_size"):
             value = getattr(self, name)
             if value and value % multiple:
                 raise UserError(
@@ -81,6 +95,11 @@ class TrialConfig:
     def tile(self) -> int:
         """Tile side for stitched inference (pixels)."""
         return self.tile_size or self.patch_size
+
+    @property
+    def val_patch(self) -> int:
+        """Side of the validation patches (pixels)."""
+        return self.val_patch_size or self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +136,23 @@ class TrialConfig:
         if isinstance(data, dict) and isinstance(data.get("config"), dict):
             data = data["config"]
         return cls.from_dict(data, str(path))
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """What an exported best-config file records beside its config (data folders, split,
+    threads); {} for a bare config. Call after TrialConfig.load, which checks the file."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data.get("config"), dict):
+        return {}
+    record = {k: v for k, v in data.items() if k != "config"}
+    for key in ("data", "test_data"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise UserError(f"{path}: '{key}' must be a folder name or null")
+    if record.get("threads") is not None and not (
+        type(record["threads"]) is int and record["threads"] >= 1
+    ):
+        raise UserError(f"{path}: 'threads' must be a positive integer or null")
+    return record
 
 
 def coerce(value: Any, type_name: str, where: str) -> Any:
@@ -159,8 +195,11 @@ _RULES = {
     "loss": _one_of(LOSSES),
     "aug_strength": _between(0, 1),
     "fg_fraction": _between(0, 1),
+    "test_fraction": lambda v: "" if 0 < v < 1 else "must be above 0 and below 1",
     "val_fraction": lambda v: "" if 0 < v < 1 else "must be above 0 and below 1",
     "val_patches_per_image": _between(1, 10_000),
+    "val_patch_size": lambda v: "" if v == 0 or 8 <= v <= 4096 else "must be 0 or from 8 to 4096",
+    "train_on": _one_of(TRAIN_ON),
     "tile_size": lambda v: "" if v == 0 or 8 <= v <= 8192 else "must be 0 or from 8 to 8192",
     "tile_overlap": lambda v: "" if 0 <= v < 1 else "must be at least 0 and below 1",
     "aug_processes": _between(0, 64),

@@ -1,13 +1,18 @@
-"""Train one configuration, score it on whole images and save the model file: what `train` does."""
+"""Train one configuration for use, score it on the test images, save the model file.
+
+What `train` does and what the search's final fit does: trials only choose; this makes the
+model that is handed over, and its test mIoU is measured on images nothing chose from.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from segcore.config import TrialConfig
-from segcore.data import Dataset, split
+from segcore.data import Splits
 from segcore.files import save_model
 from segcore.infer import evaluate
 from segcore.model import build_model
@@ -15,27 +20,32 @@ from segcore.train import train
 
 
 def fit(
-    cfg: TrialConfig, dataset: Dataset, out: str | Path, *, data_name: str,
+    cfg: TrialConfig, splits: Splits, out: str | Path, *, sources: dict[str, Any],
     device: torch.device, progress: bool = True,
-) -> dict:  # fmt: skip
-    """Train `cfg` on its split of `dataset`, score the held-out images on whole images with
-    stitched inference, and write the model file `out`; returns what it recorded there."""
-    train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
-    train_set, val_set = dataset.subset(train_idx), dataset.subset(val_idx)
-    result = train(cfg, train_set, val_set, device=device, progress=progress)
-    model = build_model(cfg.arch, dataset.channels, len(dataset.classes), cfg.depth,
+) -> dict[str, Any]:  # fmt: skip
+    """Train `cfg` on its training images (with cfg.train_on "train+val", the validation images
+    too, keeping the last epoch; else the epoch of best validation patch mIoU), score the test
+    images with stitched inference, write the model file `out`; returns what it recorded there
+    (`sources`: where the images came from, recorded as they are)."""
+    if cfg.train_on == "train+val":
+        result = train(cfg, splits.train.join(splits.val), None, device=device, progress=progress)
+    else:
+        result = train(cfg, splits.train, splits.val, device=device, progress=progress)
+    model = build_model(cfg.arch, splits.train.channels, len(splits.train.classes), cfg.depth,
                         cfg.base_width, cfg.max_width)  # fmt: skip
     model.load_state_dict(result.state_dict)
-    scores = evaluate(model.to(device), val_set, cfg, progress=progress)
+    test = evaluate(model.to(device), splits.test, cfg, progress=progress)
     extra = {
-        "data": data_name,
-        "val_names": val_set.names,
-        "train_images": len(train_idx),
-        "best_epoch": result.best_epoch,
-        "patch_miou": result.best_patch_miou,
-        "full_image_miou": scores["miou"],
+        **sources,
+        "split": splits.names(),
+        "train_on": cfg.train_on,
+        "kept_epoch": result.best_epoch,
+        "validation_patch_miou": result.best_patch_miou,
+        "test": test,
         "history": result.history,
+        "threads": torch.get_num_threads(),
+        "device": device.type,
     }
-    save_model(out, result.state_dict, cfg, in_channels=dataset.channels,
-               classes=dataset.classes, palette=dataset.palette, extra=extra)  # fmt: skip
+    save_model(out, result.state_dict, cfg, in_channels=splits.train.channels,
+               classes=splits.train.classes, palette=splits.train.palette, extra=extra)  # fmt: skip
     return extra

@@ -16,7 +16,11 @@ from segcore.files import atomic_write, write_text
 
 PLOTS = [
     ("history.png", "Optimization history", "plot_optimization_history"),
-    ("intermediate.png", "Patch mIoU per epoch (the pruning view)", "plot_intermediate_values"),
+    (
+        "intermediate.png",
+        "Validation patch mIoU per epoch (the pruning view)",
+        "plot_intermediate_values",
+    ),
     ("importances.png", "Parameter importances", "plot_param_importances"),
     ("parallel.png", "Parallel coordinates", "plot_parallel_coordinate"),
     ("slice.png", "Slice plots", "plot_slice"),
@@ -72,11 +76,57 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def handed_over(study: optuna.Study) -> list[dict]:
+    """The winner's validation figures (which chose it) beside the final model's test figures
+    (which nothing chose from): rows of (what, images, mIoU, per-class IoU)."""
+    scores = study.user_attrs.get("full_image_scores") or {}
+    if not scores:
+        return []
+    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    rows = [
+        {
+            "what": f"winner: trial {number}, validation full-image mIoU (chose it)",
+            "images": best["images"],
+            "miou": best["miou"],
+            "per_class": best["per_class"],
+        }
+    ]
+    final = study.user_attrs.get("final") or {}
+    if final.get("trial") == int(number):
+        test = final["test"]
+        rows.append({"what": f"final model best.pt (trained on {final['train_on']}), test mIoU",
+                     "images": test["images"], "miou": test["miou"],
+                     "per_class": test["per_class"]})  # fmt: skip
+    return rows
+
+
+def _handed_over_html(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>no rescored trial yet</p>"
+    classes = list(rows[0]["per_class"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["", "images", "mIoU", *classes])
+    body = "".join(
+        "<tr>" + f"<td style='text-align:left'>{html.escape(r['what'])}</td>"
+        + "".join(f"<td>{_fmt(v)}</td>" for v in
+                  [r["images"], r["miou"], *(r["per_class"].get(c) for c in classes)]) + "</tr>"
+        for r in rows
+    )  # fmt: skip
+    gap = ""
+    if len(rows) == 2:
+        gap = (f"<p>Optimism gap (validation minus test): {rows[0]['miou'] - rows[1]['miou']:+.4f}"
+               f". Validation images chose the winner; only the test figure is an honest "
+               f"estimate.</p>")  # fmt: skip
+    else:
+        gap = "<p>No final fit yet (<code>final --study NAME</code>): no test figure.</p>"
+    return f"<table><tr>{head}</tr>{body}</table>{gap}"
+
+
 def _index_html(name: str, plots: list[tuple[str, str, str | None]], rows: list[dict],
-                panels: list[str]) -> str:  # fmt: skip
+                panels: list[str], final: list[dict]) -> str:  # fmt: skip
     params = sorted({p for r in rows for p in r["params"]})
     head = "".join(f"<th>{html.escape(h)}</th>" for h in
-                   ["trial", "state", "patch mIoU", "full-image mIoU", "epochs", *params])  # fmt: skip
+                   ["trial", "state", "validation patch mIoU", "validation full-image mIoU",
+                    "epochs", *params])  # fmt: skip
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in
                          [r["trial"], r["state"], r["patch_miou"], r["full_image_miou"],
@@ -99,6 +149,7 @@ def _index_html(name: str, plots: list[tuple[str, str, str | None]], rows: list[
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 figure{{margin:1em 0}}figcaption{{font-weight:bold}}</style></head><body>
 <h1>Study {html.escape(name)}</h1>
+<h2>The model handed over</h2>{_handed_over_html(final)}
 <h2>Top trials</h2><table><tr>{head}</tr>{body}</table>
 <h2>Plots</h2>{figures}
 <h2>Predictions of the rescored trials</h2>{pictures or "<p>no rescored trial yet</p>"}
@@ -119,5 +170,6 @@ def write_report(study: optuna.Study, out: Path, progress: bool = True) -> Path:
     rows = top_table(study, scores)
     write_text(out / "table.json", json.dumps(rows, indent=2) + "\n")
     panels = sorted(p.relative_to(out).as_posix() for p in (out / "panels").glob("*.png"))
-    write_text(out / "index.html", _index_html(study.study_name, plots, rows, panels))
+    final = handed_over(study)
+    write_text(out / "index.html", _index_html(study.study_name, plots, rows, panels, final))
     return out / "index.html"

@@ -1,4 +1,4 @@
-"""After the trials: stitched full-image rescoring of the top K, their prediction panels, export."""
+"""After the trials: stitched full-image rescoring of the top K on the validation images, panels."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import optuna
 import torch
 
 from segcore.artifacts import attach, detach, listed, open_store
@@ -18,7 +17,7 @@ from segcore.errors import UserError
 from segcore.files import write_text
 from segcore.infer import evaluate
 from segcore.pictures import prediction_panel
-from segcore.study import open_study, reports_dir, study_data
+from segcore.study import open_study, reports_dir, study_splits
 
 PANEL_IMAGES = 3  # prediction pictures per rescored trial
 
@@ -36,7 +35,7 @@ def score(
     top = [t for t in top_trials(study, top_k or space.top_k) if t._trial_id in found]
     if not top:
         raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
-    _, val_set = study_data(study, space)
+    val_set = study_splits(study, space).val
     keep = {f"trial-{t.number}-" for t in top}
     for old in (reports_dir(name) / "panels").glob("trial-*.png"):  # trials no longer rescored
         if not any(old.name.startswith(k) for k in keep):
@@ -72,7 +71,7 @@ def attach_panels(
     names = ", ".join(payload["classes"])
     for i in sorted(probs):
         image, name = val_set.images[i], val_set.names[i]
-        title = f"trial {trial.number}: full-image mIoU {miou:.4f} ({names}) - {name}"
+        title = f"trial {trial.number}: validation full-image mIoU {miou:.4f} ({names}) - {name}"
         path = panels / f"trial-{trial.number}-{name}.png"
         prediction_panel(path, image, probs[i], payload["classes"], payload["palette"],
                          val_set.masks[i], title=title)  # fmt: skip
@@ -80,26 +79,3 @@ def attach_panels(
             upload = Path(tmp) / f"prediction-{name}.png"
             upload.write_bytes(path.read_bytes())
             attach(study, trial._trial_id, upload, store, "image/png")
-
-
-def export(name: str, url: str, out: str | Path | None = None) -> Path:
-    """Write best.json for the trial with the best full-image mIoU."""
-    study, _ = open_study(name, url)
-    scores = study.user_attrs.get("full_image_scores")
-    if not scores:
-        raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
-    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
-    trial = study.trials[int(number)]
-    payload = {
-        "config": trial.user_attrs["config"],
-        "study": name,
-        "trial": trial.number,
-        "patch_miou": best["patch_miou"],
-        "full_image_miou": best["miou"],
-        "per_class": best["per_class"],
-        "params": trial.params,
-        "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
-    }
-    path = Path(out) if out else reports_dir(name) / "best.json"
-    write_text(path, json.dumps(payload, indent=2) + "\n")
-    return path

@@ -21,10 +21,14 @@ PRUNERS = {"asha", "median", "hyperband", "none"}
 
 
 def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler:
-    """The space's sampler; its seed comes from the worker (--seed), never from the file."""
+    """The space's sampler; its seed comes from the worker (--seed), never from the file, except
+    for QMC: its workers share one low-discrepancy sequence (optuna hands out the points in
+    order through the storage) only with one seed, the study's (`seed` of the space)."""
     name, args = space.sampler["name"], space.sampler.get("args", {})
     if "seed" in args:
         raise UserError(f"{space.source}: study.sampler.args.seed: not here; use --seed")
+    if name == "qmc":
+        seed = space.fixed.get("seed", TrialConfig.seed)
     make = {
         "tpe": optuna.samplers.TPESampler,
         "random": optuna.samplers.RandomSampler,

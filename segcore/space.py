@@ -25,6 +25,11 @@ DIST_KEYS = {
     "categorical": {"type", "choices"},
 }
 STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start"}
+# One value for every trial of a study: the split and the validation patch set, so that trials
+# are compared on the same images and pixels; and what only `train` / the final fit use.
+PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
+             "train_on")  # fmt: skip
+SECTIONS = ("search", "fixed", "study", "final")
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class Space:
     """A validated search space; `raw` is the parsed YAML, stored with the study."""
 
     search: dict[str, dict[str, Any]]
-    fixed: dict[str, Any]
+    fixed: dict[str, Any]  # with val_patch_size set: the largest patch size, unless given
+    final: dict[str, Any] = field(default_factory=dict)  # the final fit's overrides
     n_trials: int = 12
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
@@ -85,25 +91,33 @@ def parse_space(raw: Any, source: str) -> Space:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: must be a mapping with a 'search' section")
     for key in raw:
-        if key not in ("search", "fixed", "study"):
-            raise UserError(f"{source}: unknown section '{key}' (use search, fixed, study)")
-    search, fixed = raw.get("search"), raw.get("fixed") or {}
+        if key not in SECTIONS:
+            raise UserError(f"{source}: unknown section '{key}' (use {', '.join(SECTIONS)})")
+    search, fixed, final = raw.get("search"), raw.get("fixed") or {}, raw.get("final") or {}
     if not isinstance(search, dict) or not search:
         raise UserError(f"{source}: 'search' must map config fields to distributions")
-    if not isinstance(fixed, dict):
-        raise UserError(f"{source}: 'fixed' must map config fields to values")
-    for name in list(search) + list(fixed):
+    for section, values in (("fixed", fixed), ("final", final)):
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: '{section}' must map config fields to values")
+    for name in list(search) + list(fixed) + list(final):
         if name not in CONFIG_FIELDS:
             raise UserError(f"{source}: unknown config field '{name}'")
-    for name in ("seed", "val_fraction"):
+    for name in PER_STUDY:
         if name in search:
-            raise UserError(f"{source}: '{name}' cannot be searched: every trial needs one split")
+            raise UserError(f"{source}: '{name}' cannot be searched: one value for every trial")
+    for name in final:
+        if name in search or (name in PER_STUDY and name != "train_on"):
+            raise UserError(
+                f"{source}: final.{name}: the final fit keeps the "
+                f"{'winner' if name in search else 'study'}'s value; set other fields there"
+            )
     both = sorted(set(search) & set(fixed))
     if both:
         raise UserError(f"{source}: field '{both[0]}' is both searched and fixed")
     dists = {name: _check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
     study = _check_study(raw.get("study") or {}, source)
-    space = Space(dists, dict(fixed), raw=raw, source=source, **study)
+    fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
+    space = Space(dists, fixed, dict(final), raw=raw, source=source, **study)
     _check_configs(space)
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
@@ -224,14 +238,23 @@ def fit_depth(depth: int, patch_size: int) -> int:
     return depth
 
 
+def _largest_patch(search: dict[str, dict[str, Any]], fixed: dict[str, Any]) -> Any:
+    """The default validation patch side: the largest patch size a trial can have."""
+    if "patch_size" in search:
+        return max(_grid(search["patch_size"]), default=0)
+    return fixed.get("patch_size", TrialConfig.patch_size)
+
+
 def _check_configs(space: Space) -> None:
-    """Value types, then: every patch size fits some depth; the corners are valid configs."""
+    """Value types, then: every patch size fits some depth; the validation patch fits every
+    depth a trial can have; the corners are valid configs, also after the final overrides."""
     types = {f.name: f.type for f in fields(TrialConfig)}
     for name, spec in space.search.items():
         for value in _grid(spec):
             coerce(value, types[name], f"{space.source}: search.{name}: config field '{name}'")
-    for name, value in space.fixed.items():
-        coerce(value, types[name], f"{space.source}: fixed: config field '{name}'")
+    for section, values in (("fixed", space.fixed), ("final", space.final)):
+        for name, value in values.items():
+            coerce(value, types[name], f"{space.source}: {section}: config field '{name}'")
     patches = _grid(space.search["patch_size"]) if "patch_size" in space.search else None
     depths = _grid(space.search["depth"]) if "depth" in space.search else None
     patches = patches or [space.fixed.get("patch_size", TrialConfig.patch_size)]
@@ -242,9 +265,15 @@ def _check_configs(space: Space) -> None:
                 f"{space.source}: patch_size {p!r}: no depth in {depths} divides it "
                 f"(a patch must be a multiple of 2**depth and at least twice it)"
             )
+    deepest = max(fit_depth(d, p) for d in depths for p in patches)
+    if space.fixed["val_patch_size"] % 2**deepest:
+        raise UserError(
+            f"{space.source}: val_patch_size {space.fixed['val_patch_size']}: must be a multiple "
+            f"of 2**{deepest} = {2**deepest}, as trials of depth {deepest} score on it"
+        )
     for corner in (0, -1):
         params = {name: _grid(spec)[corner] for name, spec in space.search.items()}
-        config_from(params, space)
+        final_config(config_from(params, space), space)
 
 
 def config_from(params: dict[str, Any], space: Space) -> TrialConfig:
@@ -256,6 +285,11 @@ def config_from(params: dict[str, Any], space: Space) -> TrialConfig:
         if 1 <= depth <= 6:  # out-of-range depths are left for TrialConfig to reject
             values["depth"] = fit_depth(depth, patch)
     return TrialConfig.from_dict(values, space.source)
+
+
+def final_config(cfg: TrialConfig, space: Space) -> TrialConfig:
+    """A trial's config with the space's `final:` overrides: what the final fit trains."""
+    return TrialConfig.from_dict({**cfg.to_dict(), **space.final}, f"{space.source}: final")
 
 
 def suggest(trial: Any, space: Space) -> TrialConfig:

@@ -78,8 +78,8 @@ def check_sqlite_file(path: Path, url: str) -> None:
         raise UserError(f"--storage {url}: an SQLite database without Optuna's tables")
 
 
-def _engine_kwargs(url: str) -> tuple[str, dict[str, Any]]:
-    """(URL for SQLAlchemy, engine arguments) after checking the URL."""
+def check_url(url: str) -> tuple[str, dict[str, Any]]:
+    """(URL for SQLAlchemy, engine arguments) after checking the URL; reads, writes nothing."""
     path = sqlite_path(url)
     if path is not None:
         if str(path) == ":memory:" or not str(path):
@@ -87,11 +87,6 @@ def _engine_kwargs(url: str) -> tuple[str, dict[str, Any]]:
         check_sqlite_file(path, url)
         if not path.parent.is_dir():
             raise UserError(f"--storage {url}: folder {path.parent} does not exist")
-        try:  # WAL lets readers (dashboard, launcher) work while workers write
-            with sqlite3.connect(path, timeout=60) as con:
-                con.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as e:
-            raise UserError(f"--storage {url}: cannot open ({e})") from None
         return url, {"connect_args": {"timeout": 60}}
     if re.match(r"(postgresql|postgres)(\+psycopg)?://", url):
         if url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:  # the driver would show a part
@@ -111,7 +106,14 @@ def _engine_kwargs(url: str) -> tuple[str, dict[str, Any]]:
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeat and retry of stale trials: SQLite in WAL mode, or PostgreSQL
     through psycopg 3 (pg8000 breaks past 32767 trials) with a small pool per process."""
-    url, kwargs = _engine_kwargs(url)
+    url, kwargs = check_url(url)
+    path = sqlite_path(url)
+    if path is not None:
+        try:  # WAL lets readers (dashboard, launcher) work while workers write
+            with sqlite3.connect(path, timeout=60) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            raise UserError(f"--storage {url}: cannot open ({e})") from None
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(

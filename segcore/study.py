@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.config import TrialConfig
-from segcore.data import Dataset, dataset_from, split
+from segcore.data import Splits, check_test_data, dataset_from, load_folder, split_dataset
 from segcore.errors import UserError
 from segcore.samplers import build_pruner, build_sampler
 from segcore.space import Space, parse_space
@@ -38,16 +38,22 @@ def reports_dir(name: str) -> Path:
 
 
 def create_study(
-    name: str, url: str, space: Space, data: str | None, n_trials: int | None
-) -> tuple[optuna.Study, Space]:
-    """Create the study, or resume it (same space only); returns (study, space). Two searches
-    started at once on a new study take turns (the slot lock), so one creates and one resumes."""
+    name: str, url: str, space: Space, data: str | None, n_trials: int | None,
+    test_data: str | None = None, split: dict[str, list[str]] | None = None,
+) -> tuple[optuna.Study, Space]:  # fmt: skip
+    """Create the study, or resume it (same space and data only); returns (study, space). The
+    study records its data folders and `split` (image names per part). Two searches started at
+    once on a new study take turns (the slot lock), so one creates and one resumes."""
     storage = open_storage(url)
+    sources = {"data": data, "test_data": test_data}
     with SlotLock(storage, url, name).held():
-        return _create_or_resume(name, storage, space, data, n_trials)
+        study, stored = _create_or_resume(name, storage, space, sources, n_trials)
+        if split is not None and "split" not in study.user_attrs:
+            study.set_user_attr("split", split)
+    return study, stored
 
 
-def _create_or_resume(name, storage, space: Space, data: str | None, n_trials: int | None):
+def _create_or_resume(name, storage, space: Space, sources: dict, n_trials: int | None):
     exists = name in optuna.get_all_study_names(storage=storage)
     if exists:  # a creation cut short (Ctrl-C) before the space was stored: finish it
         bare = optuna.load_study(study_name=name, storage=storage)
@@ -59,10 +65,13 @@ def _create_or_resume(name, storage, space: Space, data: str | None, n_trials: i
                 f"--space {space.source}: study {name!r} was created with another search space; "
                 f"use a new --study name"
             )
-        if data != study.user_attrs.get("data"):
-            raise UserError(
-                f"--data: study {name!r} was created with --data {study.user_attrs.get('data')}"
-            )
+        for key, value in sources.items():
+            if value != study.user_attrs.get(key):
+                option = "--" + key.replace("_", "-")
+                raise UserError(
+                    f"{option}: study {name!r} was created with {option} "
+                    f"{study.user_attrs.get(key)}"
+                )
     else:
         study = optuna.create_study(
             storage=storage, study_name=name, direction="maximize",
@@ -70,7 +79,8 @@ def _create_or_resume(name, storage, space: Space, data: str | None, n_trials: i
         )  # fmt: skip
         study.set_user_attr("space", space.raw)
         study.set_user_attr("space_file", space.source)
-        study.set_user_attr("data", data)
+        for key, value in sources.items():
+            study.set_user_attr(key, value)
         study.set_user_attr("n_trials", space.n_trials)
         if space.warm_start:  # the reference recipe, once, before any worker starts
             study.enqueue_trial(warm_start_params(space), skip_if_exists=True)
@@ -81,8 +91,10 @@ def _create_or_resume(name, storage, space: Space, data: str | None, n_trials: i
 
 
 def warm_start_params(space: Space) -> dict[str, Any]:
-    """The reference recipe's values for the searched fields, where the space allows them."""
-    reference = {"patch_size": 64, "depth": 4, "lr": 0.05, "aug_strength": 0.5, "base_width": 16}
+    """The CPU recipe's values (configs/cpu-shapes.json) for the searched fields, where the space
+    allows them: with the quick space's fixed fields and final budget, a winning warm start is
+    retrained into exactly the recipe's model, so the search cannot hand over less."""
+    reference = {"patch_size": 64, "depth": 4, "lr": 0.05, "aug_strength": 0.25, "base_width": 16}
     params = {}
     for name, value in reference.items():
         spec = space.search.get(name)
@@ -117,18 +129,33 @@ def open_study(name: str, url: str, seed: int | None = None) -> tuple[optuna.Stu
     return load_study(name, open_storage(url), seed)
 
 
-def study_data(study: optuna.Study, space: Space) -> tuple[Dataset, Dataset]:
-    """(train, validation) split of the study's data, the same for every trial and worker."""
-    return split_data(dataset_from(study.user_attrs.get("data")), space)
+SPLIT_FIELDS = ("seed", "val_fraction", "test_fraction")
 
 
-def split_data(dataset: Dataset, space: Space) -> tuple[Dataset, Dataset]:
-    """(train, validation) split by the space's seed and val_fraction."""
-    cfg = TrialConfig.from_dict(
-        {k: v for k, v in space.fixed.items() if k in ("seed", "val_fraction")}
-    )
-    train_idx, val_idx = split(len(dataset.images), cfg.val_fraction, cfg.seed)
-    return dataset.subset(train_idx), dataset.subset(val_idx)
+def load_splits(data: str | None, test_data: str | None, space: Space) -> Splits:
+    """The data folder (default: synthetic) split by the space's seed and fractions, every file
+    checked; the test images come from `test_data` when given."""
+    cfg = TrialConfig.from_dict({k: v for k, v in space.fixed.items() if k in SPLIT_FIELDS})
+    dataset = dataset_from(data)
+    test = None
+    if test_data is not None:
+        test = load_folder(test_data)
+        check_test_data(dataset, test)
+    return split_dataset(dataset, cfg, test)
+
+
+def study_splits(study: optuna.Study, space: Space) -> Splits:
+    """The study's split, the same for every trial and worker. Trials and rescoring use its
+    train and validation images; only the final fit reads its test images."""
+    splits = load_splits(study.user_attrs.get("data"), study.user_attrs.get("test_data"), space)
+    recorded = study.user_attrs.get("split")
+    if recorded is not None and recorded != splits.names():
+        folder = study.user_attrs.get("data") or "the synthetic data"
+        raise UserError(
+            f"--data {folder}: its images are not those study {study.study_name!r} was created "
+            f"with (the split would differ, and test images could have been chosen with)"
+        )
+    return splits
 
 
 def budget(study: optuna.Study) -> int:

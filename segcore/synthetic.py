@@ -38,22 +38,33 @@ def synthetic_pair(rng: np.random.RandomState, height: int = 400, width: int = 2
         bad = (noise < 153) | (noise > 254)
     image, labels = noise, np.zeros((height, width), np.int64)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+
+    def box(top: float, bottom: float, left: float, right: float) -> tuple[slice, slice]:
+        """The grid's rows and columns that can hold a shape within these bounds: each pixel is
+        computed as on the whole grid, only the pixels surely outside are skipped."""
+        rows = slice(max(0, int(np.floor(top)) - 1), max(0, int(np.ceil(bottom)) + 2))
+        return rows, slice(max(0, int(np.floor(left)) - 1), max(0, int(np.ceil(right)) + 2))
+
     for _ in range(rng.randint(3, 13)):
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         a, b, theta = rng.uniform(4, 25), rng.uniform(4, 16), rng.uniform(0, np.pi)
-        inside = ellipse_mask(yy, xx, cy, cx, a, b, theta)
-        image[inside], labels[inside] = rng.randint(0, 180), 2
+        r = max(a, b)
+        at = box(cy - r, cy + r, cx - r, cx + r)
+        inside = ellipse_mask(yy[at], xx[at], cy, cx, a, b, theta)
+        image[at][inside], labels[at][inside] = rng.randint(0, 180), 2
     for _ in range(rng.randint(2, 11)):
         y0, x0 = rng.uniform(0, height), rng.uniform(0, width)
         length, angle = rng.uniform(15, 220), rng.uniform(0, np.pi)
         y1, x1 = y0 + length * np.sin(angle), x0 + length * np.cos(angle)
         half = rng.uniform(0.7, 2.5)
+        at = box(min(y0, y1) - half, max(y0, y1) + half, min(x0, x1) - half, max(x0, x1) + half)
+        ys, xs = yy[at], xx[at]
         # distance from each pixel to the segment
-        t = ((yy - y0) * (y1 - y0) + (xx - x0) * (x1 - x0)) / (length**2)
+        t = ((ys - y0) * (y1 - y0) + (xs - x0) * (x1 - x0)) / (length**2)
         t = np.clip(t, 0, 1)
-        dist = np.hypot(yy - (y0 + t * (y1 - y0)), xx - (x0 + t * (x1 - x0)))
+        dist = np.hypot(ys - (y0 + t * (y1 - y0)), xs - (x0 + t * (x1 - x0)))
         on = dist <= half
-        image[on], labels[on] = rng.randint(0, 140), 1
+        image[at][on], labels[at][on] = rng.randint(0, 140), 1
     return np.clip(np.round(image), 0, 255).astype(np.uint8), labels
 
 

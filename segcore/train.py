@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """The best epoch's weights (on the CPU) and the per-epoch history."""
+    """The kept epoch's weights (on the CPU) and the per-epoch history; without validation
+    images the kept epoch is the last and best_patch_miou is None."""
 
     state_dict: dict[str, torch.Tensor]
     best_epoch: int
-    best_patch_miou: float
+    best_patch_miou: float | None
     history: list[dict] = field(default_factory=list)
 
 
@@ -91,14 +92,15 @@ def patch_miou(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch:
 def train(
     cfg: TrialConfig,
     train_set: Dataset,
-    val_set: Dataset,
+    val_set: Dataset | None,
     *,
     on_epoch: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train one configuration on `device` (default: pick_device()); returns the weights of the
-    epoch with the best patch mIoU."""
+    epoch with the best validation patch mIoU (on_epoch(epoch, it) after each epoch), or with
+    no validation images (val_set None) those of the last epoch."""
     seed_everything(cfg.seed)
     dev = device or pick_device()
     k = len(train_set.classes)
@@ -109,13 +111,13 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total)
     )
-    vx, vy = validation_patches(
-        val_set.images, val_set.masks, patch_size=cfg.patch_size,
-        per_image=cfg.val_patches_per_image, seed=cfg.seed,
-    )  # fmt: skip
-    vx, vy = torch.from_numpy(vx), torch.from_numpy(vy)
-    if dev.type == "cuda":
-        vx, vy = vx.pin_memory(), vy.pin_memory()
+    if val_set is not None:  # one patch set of one size (val_patch) for every trial of a study
+        vx, vy = (torch.from_numpy(a) for a in validation_patches(
+            val_set.images, val_set.masks, patch_size=cfg.val_patch,
+            per_image=cfg.val_patches_per_image, seed=cfg.seed,
+        ))  # fmt: skip
+        if dev.type == "cuda":
+            vx, vy = vx.pin_memory(), vy.pin_memory()
     stream = train_batches(
         train_set.images, train_set.masks, patch_size=cfg.patch_size,
         batch_size=cfg.batch_size, aug_strength=cfg.aug_strength, fg_fraction=cfg.fg_fraction,
@@ -144,25 +146,26 @@ def train(
                 scheduler.step()
                 losses.append(loss.item())
                 bar.update()
-            miou = patch_miou(model, vx, vy, k)
+            miou = None if val_set is None else patch_miou(model, vx, vy, k)
             result.history.append({
                 "epoch": epoch, "loss": float(np.mean(losses)), "patch_miou": miou,
                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
             })  # fmt: skip
+            scored = "" if miou is None else f"validation patch mIoU {miou:.4f}, "
             line = (
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {np.mean(losses):.4f}, "
-                f"patch mIoU {miou:.4f}, {time.perf_counter() - started:.1f} s"
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {np.mean(losses):.4f}, {scored}"
+                f"{time.perf_counter() - started:.1f} s"
             )
             if progress:
                 bar.write(line)
             else:
                 log.info(line)
-            if miou > result.best_patch_miou:
+            if miou is None or miou > result.best_patch_miou:
                 result.best_epoch, result.best_patch_miou = epoch, miou
                 result.state_dict = {
                     n: t.detach().cpu().clone() for n, t in model.state_dict().items()
                 }
-            if on_epoch is not None:
+            if on_epoch is not None and miou is not None:
                 on_epoch(epoch, miou)
     finally:
         bar.close()

@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -23,12 +24,12 @@ from optuna.trial import TrialState
 
 from segcore.artifacts import open_store
 from segcore.checkpoints import drop_checkpoints, store_checkpoint, would_be_top
-from segcore.data import Dataset
+from segcore.data import Splits
 from segcore.device import pick_device
 from segcore.errors import DivergedError, is_out_of_memory
 from segcore.space import Space, suggest
 from segcore.storage import SlotLock, open_storage
-from segcore.study import budget, counts, load_study, study_data
+from segcore.study import budget, counts, load_study, study_splits
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ GAVE_UP = 3  # the worker's exit status then; the launcher does not restart it
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 SLOTS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 DONE, WAIT = "done", "wait"  # take_slot's answers other than a trial
+# study.ask warns that heartbeats are meant for study.optimize: `heartbeat` below records them
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
 
 class Interrupts:
@@ -115,21 +118,20 @@ class Outcome(NamedTuple):
 
 
 def run_trial(
-    study: optuna.Study, trial: optuna.Trial, space: Space, data: tuple[Dataset, Dataset],
-    store, interrupts: Interrupts, device: torch.device,
+    study: optuna.Study, trial: optuna.Trial, space: Space, splits: Splits, store,
+    interrupts: Interrupts, device: torch.device,
 ) -> Outcome:  # fmt: skip
-    """Train the trial's configuration, reporting patch mIoU each epoch for pruning; keep its
-    checkpoint while it can be in the top K. Failures that are the trial's own (divergence, out
-    of memory, an interrupt) end FAIL with a `fail_reason`; anything else is a bug and raises."""
+    """Train the trial's configuration on the training images, reporting validation patch mIoU
+    each epoch for pruning; keep its checkpoint while it can be in the top K. The test images
+    are never touched. Failures that are the trial's own (divergence, out of memory, an
+    interrupt) end FAIL with a `fail_reason`; anything else is a bug and raises."""
     from segcore.train import train  # imported here: batchgenerators and scipy take a second
 
-    train_set, val_set = data
+    train_set, val_set = splits.train, splits.val
     if device.type == "cuda":  # give back what an earlier trial's OOM left cached
         torch.cuda.empty_cache()
     cfg = suggest(trial, space)
     trial.set_user_attr("config", cfg.to_dict())
-    trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("host", socket.gethostname())
 
     def on_epoch(epoch: int, miou: float) -> None:
         trial.report(miou, epoch)
@@ -154,8 +156,13 @@ def run_trial(
         return _failed(trial, INTERRUPTED)
     trial.set_user_attr("best_epoch", result.best_epoch)
     if would_be_top(study, space.top_k, result.best_patch_miou, trial.number):
-        extra = {"study": study.study_name, "trial": trial.number, "val_names": val_set.names,
-                 "patch_miou": result.best_patch_miou}  # fmt: skip
+        extra = {
+            "study": study.study_name,
+            "trial": trial.number,
+            "split": splits.names(),
+            "data": study.user_attrs.get("data"),
+            "patch_miou": result.best_patch_miou,
+        }
         store_checkpoint(study, trial._trial_id, result.state_dict, cfg, train_set, extra, store)
     return Outcome(TrialState.COMPLETE, result.best_patch_miou)
 
@@ -180,7 +187,7 @@ def run_worker(name: str, url: str, seed: int | None, device: str | None = None)
     0 then, 130 when interrupted, GAVE_UP when GIVE_UP_AFTER trials in a row have failed."""
     storage = open_storage(url)
     study, space = load_study(name, storage, seed)
-    data = study_data(study, space)
+    splits = study_splits(study, space)
     store = open_store(name)
     dev = pick_device(device)
     interrupts = Interrupts()
@@ -198,10 +205,13 @@ def run_worker(name: str, url: str, seed: int | None, device: str | None = None)
         if trial is WAIT:
             time.sleep(2)
             continue
+        for key, value in (("pid", os.getpid()), ("host", socket.gethostname()),
+                           ("sampler_seed", seed)):  # fmt: skip
+            trial.set_user_attr(key, value)
         outcome = None
         try:
             with heartbeat(storage, trial._trial_id):
-                outcome = run_trial(study, trial, space, data, store, interrupts, dev)
+                outcome = run_trial(study, trial, space, splits, store, interrupts, dev)
         finally:  # a bug in training still leaves the trial FAIL, not RUNNING
             tell(study, trial, outcome or _failed(trial, "error (see the worker's log)"))
         failed_in_a_row = failed_in_a_row + 1 if outcome.state == TrialState.FAIL else 0

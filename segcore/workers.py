@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -67,7 +68,7 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (the child owns it)
         cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name,
-               "--seed", str(self.seed * 10_000 + 1000 * (self.restarts[i] + 1) + i)]  # fmt: skip
+               "--seed", str(self.worker_seed(i))]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
         env[STORAGE_ENV] = self.url  # not on the command line, where `ps` shows a password
         # own session: a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
@@ -75,6 +76,14 @@ class Launcher:
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.close()
+
+    def worker_seed(self, i: int) -> int:
+        """A sampler seed not used before in this study: from the launcher's seed, the worker's
+        index, its restarts and the number of trials so far, so a resumed search (or a restarted
+        worker) does not repeat the random and start-up trials of the first run."""
+        n_trials = len(self.study.get_trials(deepcopy=False))
+        entropy = [self.seed, i, self.restarts[i], n_trials]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
     def run(self) -> int:
         started = time.monotonic()
@@ -152,7 +161,8 @@ class Launcher:
             best = "-"
         line = (
             f"trials {c['complete'] + c['pruned']}/{budget(self.study)}: {c['complete']} complete, "
-            f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running; best patch mIoU "
+            f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running; best validation "
+            f"patch mIoU "
             f"{best}; {time.monotonic() - started:.0f} s"
         )
         tty = sys.stderr.isatty()

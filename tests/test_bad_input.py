@@ -219,7 +219,7 @@ CASES = [
      "labels.json: cannot read"),
     ("labels-bool-colour", labels_bool_colour, [*SEARCH, "--data", "bad"],
      "'colors' must hold one [r, g, b]"),
-    ("one-image", one_image, [*SEARCH, "--data", "bad"], "need at least 2 to hold some out"),
+    ("one-image", one_image, [*SEARCH, "--data", "bad"], "need 3; add images or give --test-data DIR"),
     ("predict-mixed-channels", mixed_channels, ["predict", "--model", "m.pt", "--images",
      "mixed", "--out", "p"], "b.png: has 3 channels, a.png has 1"),
     # search spaces
@@ -336,6 +336,7 @@ def test_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, setup, a
     make_base(tmp_path)
     if setup:
         setup(tmp_path)
+    capsys.readouterr()  # what setting up printed is not the command's output
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
     argv = [a.format(port=closed_port()) for a in argv]
@@ -356,8 +357,12 @@ def test_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, setup, a
     assert not (tmp_path / "pwned").exists()
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path's size and modification time; SQLite's scratch files (-wal, -shm) left out: a
-    reader opening a database may touch them without changing the database."""
-    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
-            for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))}  # fmt: skip
+def snapshot(root: Path) -> dict[str, tuple[int, int] | str]:
+    """Every file's size and modification time, every folder's name; SQLite's scratch files
+    (-wal, -shm) left out: a reader opening a database may create or remove them, which also
+    touches the folder's time, without changing the database."""
+    return {
+        str(p.relative_to(root)): "folder" if p.is_dir() and not p.is_symlink()
+        else (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))
+    }  # fmt: skip

@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     (tmp / "cfg.json").write_text(json.dumps(TINY))
     out = run("train", "--config", tmp / "cfg.json", "--data", tmp / "data", "--out",
               tmp / "m.pt", "--quiet")  # fmt: skip
-    assert "full-image mIoU" in out.stdout
+    assert "test mIoU" in out.stdout and "on 1 test images" in out.stdout
     return tmp
 
 
@@ -47,15 +47,21 @@ def test_data_train_evaluate_json(trained):
     scores = json.loads(out.stdout)
     assert scores["images"] == 5 and 0 <= scores["miou"] <= 1
     assert set(scores["per_class"]) == {"background", "line", "ellipse"}
-    held = json.loads(run("evaluate", "--model", trained / "m.pt", "--data", trained / "data",
-                          "--json", "--held-out").stdout)  # fmt: skip
-    assert held["images"] == 1
+    # the model's own test image, from the data folder it recorded (5 images: 3 / 1 / 1)
+    held = json.loads(run("evaluate", "--model", trained / "m.pt", "--json", "--split",
+                          "test").stdout)  # fmt: skip
+    payload = torch.load(trained / "m.pt", weights_only=True)
+    assert held["images"] == 1 and held["split"] == "test"
+    assert held["miou"] == payload["extra"]["test"]["miou"]  # what training measured, again
 
 
 def test_model_file_loads_with_weights_only(trained):
     payload = torch.load(trained / "m.pt", weights_only=True)
     assert payload["classes"] == ["background", "line", "ellipse"]
-    assert payload["config"]["depth"] == 2 and payload["extra"]["val_names"]
+    assert payload["config"]["depth"] == 2
+    split = payload["extra"]["split"]
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [3, 1, 1]
+    assert not set(split["test"]) & set(split["train"] + split["validation"])
 
 
 def test_predict_writes_masks_in_palette_and_overlays(trained):

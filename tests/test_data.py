@@ -160,11 +160,16 @@ def test_load_images_plain_folder(tmp_path):
 
 
 def test_split_by_whole_image_is_seeded():
-    tr, va = split(10, 0.2, seed=3)
-    assert len(va) == 2 and sorted(tr + va) == list(range(10)) and not set(tr) & set(va)
-    assert split(10, 0.2, seed=3) == (tr, va) and split(10, 0.2, seed=4) != (tr, va)
-    with pytest.raises(UserError, match="at least 2"):
-        split(1, 0.2, 0)
+    tr, va, te = split(10, 0.2, 0.3, seed=3)
+    assert (len(tr), len(va), len(te)) == (5, 2, 3)
+    assert sorted(tr + va + te) == list(range(10))  # every image in exactly one part
+    assert split(10, 0.2, 0.3, seed=3) == (tr, va, te) != split(10, 0.2, 0.3, seed=4)
+    assert split(10, 0.2, 0, seed=3)[2] == []  # no test images split off (--test-data)
+    assert [len(part) for part in split(3, 0.01, 0.01, seed=0)] == [1, 1, 1]  # none empty
+    with pytest.raises(UserError, match="need 3; add images or give --test-data"):
+        split(2, 0.2, 0.2, 0)
+    with pytest.raises(UserError, match="need 2$"):
+        split(1, 0.2, 0, 0)
 
 
 def test_synthetic_is_seeded_and_shaped_like_shapes():

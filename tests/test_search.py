@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
 def searched(workdir):
     out = cli(workdir, "search", "--space", "space.yaml", "--study", "s", "--data", "d",
               "--workers", 2, "--quiet")  # fmt: skip
-    assert "best trial" in out.stdout
+    assert "best model: reports/s/best.pt: test mIoU" in out.stdout.splitlines()[-1]
     return workdir
 
 
@@ -63,27 +63,48 @@ def check_checkpoints(searched, name, url):
     assert checkpoints == set(live) and set(live.values()) == top, (live, top)
 
 
-def test_scores_and_best_json_retrain_reproduces(searched):
+def test_scores_best_json_and_best_pt(searched):
     scores = json.loads((searched / "reports" / "s" / "scores.json").read_text())
-    assert len(scores) == 2 and all(0 <= s["miou"] <= 1 for s in scores.values())
+    assert len(scores) == 2
     best = json.loads((searched / "reports" / "s" / "best.json").read_text())
     assert str(best["trial"]) in scores
-    assert best["full_image_miou"] == max(s["miou"] for s in scores.values())
-    assert set(best) >= {"config", "study", "trial", "patch_miou", "full_image_miou", "params",
-                         "versions"}  # fmt: skip
-    cli(searched, "train", "--config", "reports/s/best.json", "--data", "d", "--out", "re.pt",
+    assert best["validation"]["full_image_miou"] == max(s["miou"] for s in scores.values())
+    assert set(best) >= {"config", "study", "trial", "data", "test_data", "split", "seed",
+                         "threads", "validation", "test", "model", "params", "versions"}  # fmt: skip
+    assert best["data"] == str((searched / "d").resolve()) and best["threads"] == 1
+    assert [len(best["split"][k]) for k in ("train", "validation", "test")] == [4, 1, 1]
+    # best.pt is the final model: evaluate scores its test image to the figure in best.json
+    out = cli(searched, "evaluate", "--model", best["model"], "--split", "test", "--json")
+    assert json.loads(out.stdout)["miou"] == best["test"]["miou"]
+    assert best["test"]["images"] == 1
+    cli(searched, "predict", "--model", best["model"], "--images", "d", "--out", "pred",
         "--quiet")  # fmt: skip
-    again = torch.load(searched / "re.pt", weights_only=True)["extra"]["patch_miou"]
-    assert abs(again - best["patch_miou"]) <= 0.01, (again, best["patch_miou"])
+    assert len(list((searched / "pred").glob("*_overlay.png"))) == 6
+
+
+def test_train_with_best_json_reproduces_best_pt(searched, tmp_path):
+    """No --data: the data folder, split and thread count come from best.json."""
+    best = json.loads((searched / "reports" / "s" / "best.json").read_text())
+    out = cli(searched, "train", "--config", "reports/s/best.json", "--out", tmp_path / "re.pt",
+              "--quiet")  # fmt: skip
+    assert f"using {best['data']} from reports/s/best.json" in out.stderr
+    again = torch.load(tmp_path / "re.pt", weights_only=True)["extra"]
+    assert abs(again["test"]["miou"] - best["test"]["miou"]) <= 0.002, (again["test"], best)
+    assert again["split"] == best["split"]
 
 
 def test_resume_tops_up_to_the_budget(searched, tmp_path):
     copy = tmp_path / "copy"  # a copy: the session's study stays as the other tests read it
     shutil.copytree(searched, copy)
+    before = trials_via_optuna_cli(copy, "s")
+    first = {t["user_attrs"]["sampler_seed"] for t in before}
     cli(copy, "search", "--space", "space.yaml", "--study", "s", "--data", searched / "d",
         "--workers", 2, "--n-trials", 10, "--quiet", "--no-rescore")  # fmt: skip
-    counts = states(trials_via_optuna_cli(copy, "s"))
+    trials = trials_via_optuna_cli(copy, "s")
+    counts = states(trials)
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 10, counts
+    resumed = {t["user_attrs"]["sampler_seed"] for t in trials if t["number"] >= len(before)}
+    assert resumed and not resumed & first, (first, resumed)  # fresh seeds on resume
 
 
 def test_score_and_export_commands(searched, tmp_path):
@@ -102,7 +123,7 @@ def test_every_command_on_postgres(workdir, postgres_url):
     pg = ["--storage", postgres_url]
     out = cli(workdir, "search", "--space", "space.yaml", "--study", "p", "--data", "d", *pg,
               "--workers", 2, "--quiet")  # fmt: skip
-    assert "best trial" in out.stdout and "***@" in out.stderr
+    assert "best model: reports/p/best.pt" in out.stdout and "***@" in out.stderr
     counts = states(trials_via_optuna_cli(workdir, "p", postgres_url))
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 8 and "RUNNING" not in counts
     check_checkpoints(workdir, "p", postgres_url)

@@ -21,10 +21,11 @@ from segcore.checkpoints import (
     would_be_top,
 )
 from segcore.errors import UserError
-from segcore.rescore import export, score
+from segcore.final import export, final_fit
+from segcore.rescore import score
 from segcore.space import parse_space
 from segcore.storage import SlotLock, open_storage
-from segcore.study import create_study, study_data, warm_start_params
+from segcore.study import create_study, load_splits, study_splits, warm_start_params
 from segcore.synthetic import write_synthetic
 from segcore.worker import DONE, INTERRUPTED, WAIT, Interrupts, run_trial, take_slot, tell
 
@@ -52,10 +53,12 @@ class Run:
         (tmp_path / "storage").mkdir()
         self.url = f"sqlite:///{tmp_path}/storage/s.db"
         self.space = parse_space(raw or SPACE, "space.yaml")
-        self.study, _ = create_study("s", self.url, self.space, str(tmp_path / "d"), None)
+        data = str(tmp_path / "d")
+        split = load_splits(data, None, self.space).names()
+        self.study, _ = create_study("s", self.url, self.space, data, None, None, split)
         if pruner is not None:  # the same study, seen through another pruner
             self.study = optuna.load_study(study_name="s", storage=self.url, pruner=pruner)
-        self.data = study_data(self.study, self.space)
+        self.data = study_splits(self.study, self.space)
         self.store = open_store("s")
         self.lock = SlotLock(open_storage(self.url), self.url, "s")
 
@@ -80,7 +83,7 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert trial.state == TrialState.COMPLETE and trial.value == outcome.value
     assert trial.value == max(trial.intermediate_values.values())
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
-    assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["pid"] > 0
+    assert trial.user_attrs["config"]["patch_size"] == 16
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
@@ -171,7 +174,7 @@ def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypat
     done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
     model, payload = load_checkpoint(run.study, done[0], run.store, CPU)
     store_checkpoint(run.study, running._trial_id, model.state_dict(), payload["config"],
-                     run.data[0], {}, run.store)  # fmt: skip
+                     run.data.train, {}, run.store)  # fmt: skip
     drop_checkpoints(run.study, 2, run.store)
     keep = {t._trial_id for t in top_trials(run.study, 2)} | {running._trial_id}
     assert set(checkpoints(run.study)) == keep
@@ -197,8 +200,10 @@ def test_score_and_export_pick_the_best_full_image_trial(tmp_path, monkeypatch):
     assert len(pictures) == 2  # one validation image per rescored trial
     best = json.loads(export("s", run.url).read_text())
     winner = max(scores, key=lambda n: (scores[n]["miou"], -int(n)))
-    assert best["trial"] == int(winner) and best["full_image_miou"] == scores[winner]["miou"]
-    assert best["config"] == run.study.trials[int(winner)].user_attrs["config"]
+    assert best["trial"] == int(winner)
+    assert best["validation"]["full_image_miou"] == scores[winner]["miou"]
+    assert best["config"] == run.study.trials[int(winner)].user_attrs["config"]  # no final: {}
+    assert best["test"] is None and best["model"] is None  # no final fit yet
     score("s", run.url, progress=False)  # rescoring replaces the pictures, not adds to them
     assert len([m for _, _, m in listed(run.study) if m["filename"].startswith("pred")]) == 2
 
@@ -218,3 +223,92 @@ def test_warm_start_is_the_first_trial_and_tpe_samples_after_it(tmp_path, monkey
         t, _ = run.trial()
         assert t.state == TrialState.COMPLETE and set(t.params) == set(expected)
     assert take_slot(run.study, run.lock) is DONE
+
+
+def test_test_images_are_read_only_by_the_final_fit(tmp_path, monkeypatch):
+    """Every image that reaches training or stitched scoring is recorded: trials and rescoring
+    see only training and validation images; the final fit scores the test images, once."""
+    import segcore.fit
+    import segcore.rescore
+    import segcore.train
+
+    seen: list[tuple[str, set[str]]] = []
+
+    def spy(where, function, *positions):
+        def wrapped(*args, **kwargs):
+            for i in positions:  # the Dataset arguments
+                if args[i] is not None:
+                    seen.append((where, set(args[i].names)))
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(segcore.train, "train", spy("trial", segcore.train.train, 1, 2))
+    monkeypatch.setattr(segcore.fit, "train", spy("final-train", segcore.fit.train, 1, 2))
+    monkeypatch.setattr(segcore.rescore, "evaluate", spy("rescore", segcore.rescore.evaluate, 1))
+    monkeypatch.setattr(segcore.fit, "evaluate", spy("final", segcore.fit.evaluate, 1))
+    run = Run(tmp_path, monkeypatch)
+    test = set(run.study.user_attrs["split"]["test"])
+    assert test and test == set(run.data.test.names)
+    for lr in (0.05, 0.2):
+        run.trial(patch_size=16, lr=lr)
+    score("s", run.url, progress=False)
+    assert seen and all(not names & test for _, names in seen), seen  # trials and rescoring
+    seen.clear()
+    final_fit("s", run.url, device=CPU, progress=False)
+    assert [where for where, names in seen if names & test] == ["final"]
+    assert [names for where, names in seen if where == "final"] == [test]
+
+
+def test_final_fit_and_export_model(tmp_path, monkeypatch):
+    from segcore.files import load_model
+    from segcore.infer import predict_probs
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["final"] = {"epochs": 3, "train_on": "train+val"}
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.trial(patch_size=16, lr=0.05)
+    score("s", run.url, progress=False, panels=False)
+    import segcore.fit
+
+    trained_on = []
+    train = segcore.fit.train
+    monkeypatch.setattr(segcore.fit, "train", lambda c, t, *a, **k: (
+        trained_on.append(set(t.names)), train(c, t, *a, **k))[1])  # fmt: skip
+    done = final_fit("s", run.url, device=CPU, progress=False)
+    assert trained_on == [set(run.data.train.names) | set(run.data.val.names)]
+    assert done["train_on"] == "train+val" and done["kept_epoch"] == 2  # the last of 3 epochs
+    assert done["validation_patch_miou"] is None  # nothing held out to choose with
+    assert len(done["history"]) == 3 and done["test"]["images"] == 1
+    best = json.loads((tmp_path / "reports" / "s" / "best.json").read_text())
+    assert best["test"] == done["test"] and best["config"]["epochs"] == 3
+    assert best["threads"] == torch.get_num_threads() and best["model"] == "reports/s/best.pt"
+    model, payload = load_model(tmp_path / "reports" / "s" / "best.pt", CPU)
+    assert payload["extra"]["split"] == run.study.user_attrs["split"]
+    # export --model: the winner trial's own checkpoint, the same predictions
+    export("s", run.url, model=tmp_path / "winner.pt")
+    exported, _ = load_model(tmp_path / "winner.pt", CPU)
+    trial = run.study.trials[best["trial"]]
+    original, _ = load_checkpoint(run.study, trial, run.store, CPU)
+    image = run.data.test.images[0]
+    a = predict_probs(exported, image, tile=16, gaussian=True, tta=True)
+    b = predict_probs(original, image, tile=16, gaussian=True, tta=True)
+    assert torch.equal(a, b) and not torch.equal(a, predict_probs(model, image, tile=16))
+
+
+def test_one_validation_patch_size_for_every_trial(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)  # patch sizes 16 and 32
+    assert run.space.fixed["val_patch_size"] == 32
+    small, _ = run.trial(patch_size=16, lr=0.05)
+    large, _ = run.trial(patch_size=32, lr=0.05)
+    for t in (small, large):
+        assert t.user_attrs["config"]["val_patch_size"] == 32
+    # the small trial's checkpoint scores its reported value on the 32-pixel patch set
+    from segcore.patches import validation_patches
+    from segcore.train import patch_miou
+
+    model, _ = load_checkpoint(run.study, small, run.store, CPU)
+    val = run.data.val
+    vx, vy = validation_patches(val.images, val.masks, patch_size=32, per_image=2, seed=0)
+    again = patch_miou(model, torch.from_numpy(vx), torch.from_numpy(vy), 3)
+    assert again == pytest.approx(small.value, abs=1e-9)

@@ -1,0 +1,103 @@
+"""What a search hands over: the winner, its best-config JSON, and the final fit (best.pt).
+
+The winner is the rescored trial with the best full-image mIoU on the validation images. The
+final fit trains its config with the space's `final:` overrides and scores it once on the test
+images, which nothing in the search has read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from segcore.artifacts import fetch, open_store
+from segcore.checkpoints import checkpoints
+from segcore.config import TrialConfig
+from segcore.errors import UserError
+from segcore.files import atomic_write, write_text
+from segcore.fit import fit
+from segcore.space import Space, final_config
+from segcore.study import open_study, reports_dir, study_splits
+
+
+def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
+    """The rescored trial with the best validation full-image mIoU (ties: the earlier)."""
+    scores = study.user_attrs.get("full_image_scores")
+    if not scores:
+        name = study.study_name
+        raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
+    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    return study.trials[int(number)], best
+
+
+def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
+    """best.json: what `train --config` needs to reproduce best.pt (the final config, the data
+    folders, the split, the seed, the thread count), the winner's validation figures, and the
+    final model's test figures once it is fitted."""
+    trial, best = winner(study)
+    final = study.user_attrs.get("final") or {}
+    fitted = final.get("trial") == trial.number
+    cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
+    return {
+        "config": cfg.to_dict(),
+        "study": study.study_name,
+        "trial": trial.number,
+        "data": study.user_attrs.get("data"),
+        "test_data": study.user_attrs.get("test_data"),
+        "split": study.user_attrs.get("split"),
+        "seed": cfg.seed,
+        "threads": final.get("threads") if fitted else None,
+        "validation": {
+            "patch_miou": trial.value,
+            "full_image_miou": best["miou"],
+            "per_class": best["per_class"],
+            "images": best["images"],
+        },
+        "test": final.get("test") if fitted else None,
+        "model": str(reports_dir(study.study_name) / "best.pt") if fitted else None,
+        "params": trial.params,
+        "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
+    }
+
+
+def export(name: str, url: str, out: str | Path | None = None, model: str | Path | None = None):
+    """Write best.json (default reports/NAME/best.json); with `model`, also the winner trial's
+    own checkpoint as a model file (no training). Returns the best.json path."""
+    study, space = open_study(name, url)
+    record = best_record(study, space)
+    if model is not None:
+        found = checkpoints(study).get(study.trials[record["trial"]]._trial_id)
+        if found is None:
+            raise UserError(f"--model: trial {record['trial']}'s checkpoint is no longer kept")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "checkpoint.pt"
+            fetch(open_store(name), found[1], path)
+            atomic_write(model, lambda dst: shutil.copyfile(path, dst))
+    path = Path(out) if out else reports_dir(name) / "best.json"
+    write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def final_fit(name: str, url: str, *, device: torch.device, progress: bool = True) -> dict:
+    """Train the winner's final config, score it on the test images, write reports/NAME/best.pt
+    and best.json; returns what the model file records."""
+    study, space = open_study(name, url)
+    trial, _ = winner(study)
+    cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
+    splits = study_splits(study, space)
+    sources = {"data": study.user_attrs.get("data"), "test_data": study.user_attrs.get("test_data"),
+               "study": name, "trial": trial.number}  # fmt: skip
+    done = fit(cfg, splits, reports_dir(name) / "best.pt", sources=sources, device=device,
+               progress=progress)  # fmt: skip
+    study.set_user_attr("final", {
+        "trial": trial.number, "test": done["test"], "threads": done["threads"],
+        "device": done["device"], "train_on": done["train_on"], "kept_epoch": done["kept_epoch"],
+    })  # fmt: skip
+    export(name, url)
+    return done
