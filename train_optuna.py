@@ -236,27 +236,18 @@ def cmd_check(args) -> int:
     return 0
 
 
-def cmd_search(args) -> int:
+def prepare_study(args, workers: str):
+    """What search and slurm do before any worker: check every option and file, create or
+    resume the study; returns (name, url, space). `workers` is said in the first line."""
     from segcore.device import pick_device
-    from segcore.final import export, final_fit
-    from segcore.rescore import score
     from segcore.space import load_space
     from segcore.storage import check_url, default_url, mask_url, storage_url
     from segcore.study import check_name, create_study, load_splits
-    from segcore.workers import Launcher, parse_gpus
 
-    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
-        raise UserError(
-            f"--workers: from 1 to {MAX_WORKERS} on one machine (more machines: `worker` on "
-            f"each), got {args.workers}"
-        )
-    if args.workers_per_gpu < 1:
-        raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
-    gpus = parse_gpus(args.gpus)
-    device = pick_device(args.device)  # a bad --device is an error now, not after the trials
-    n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
+    check_timeout(args.timeout)
+    pick_device(args.device)  # a bad --device is an error now, not after the trials
     space = load_space(args.space)
     url = storage_url(check_name(args.study), args.storage)
     if url != default_url(args.study):  # the default's folder is made below, after the checks
@@ -266,13 +257,40 @@ def cmd_search(args) -> int:
     splits = load_splits(data, test_data, space)  # every file checked before any worker
     name, url = _study_args(args, create=True)
     create_study(name, url, space, data, args.n_trials, test_data, splits.names())
-    print(f"study {name} on {mask_url(url)}: {n_workers} workers, logs in storage/{name}/; "
-          f"images: {len(splits.train.names)} train, {len(splits.val.names)} validation "
-          f"(chooses), {len(splits.test.names)} test (read only by the final fit)",
-          file=sys.stderr)  # fmt: skip
-    code = Launcher(name, url, n_workers, gpus, args.quiet).run()
+    print(f"study {name} on {mask_url(url)}: {workers}; images: {len(splits.train.names)} "
+          f"train, {len(splits.val.names)} validation (chooses), {len(splits.test.names)} test "
+          f"(read only by the final fit)", file=sys.stderr)  # fmt: skip
+    return name, url, space
+
+
+def cmd_search(args) -> int:
+    from segcore.workers import Launcher, parse_gpus
+
+    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
+        raise UserError(
+            f"--workers: from 1 to {MAX_WORKERS} on one machine (more machines: `worker` on "
+            f"each, or `slurm`), got {args.workers}"
+        )
+    if args.workers_per_gpu < 1:
+        raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
+    gpus = parse_gpus(args.gpus)
+    n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
+    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/")
+    timeout = args.timeout if args.timeout is not None else space.timeout
+    code = Launcher(name, url, n_workers, gpus, args.quiet, timeout=timeout).run()
     if code or args.no_rescore:
         return code
+    return cmd_finish(args)
+
+
+def cmd_finish(args) -> int:
+    """Rescoring, export, the final fit (unless --no-final), the report, the last lines."""
+    from segcore.device import pick_device
+    from segcore.final import export, final_fit
+    from segcore.rescore import score
+
+    name, url = _study_args(args)
+    device = pick_device(args.device)
     print_scores(score(name, url, progress=not args.quiet, device=args.device))
     best = json.loads(export(name, url).read_text())
     print(f"winner: trial {best['trial']}, validation full-image mIoU "
@@ -285,6 +303,46 @@ def cmd_search(args) -> int:
     cmd_report(args)
     print_final(name, url)
     return 0
+
+
+def cmd_slurm(args) -> int:
+    import numpy as np
+
+    from segcore.slurm import submit
+    from segcore.storage import sqlite_path
+    from segcore.study import open_study
+
+    if not 1 <= args.workers <= 10_000:
+        raise UserError(f"--workers: array tasks, from 1 to 10000, got {args.workers}")
+    if args.cpus_per_worker < 1 or args.gpus_per_worker < 0:
+        raise UserError("--cpus-per-worker: at least 1; --gpus-per-worker: at least 0")
+    kind = f"{args.gpus_per_worker} GPU(s) and " if args.gpus_per_worker else ""
+    name, url, space = prepare_study(
+        args, f"a SLURM array of {args.workers} workers ({kind}{args.cpus_per_worker} CPU(s) each)"
+    )
+    if sqlite_path(url) is not None:
+        print("note: SQLite storage: every task must run on this node's file system; across "
+              "nodes use PostgreSQL (--storage)", file=sys.stderr)  # fmt: skip
+    timeout = args.timeout if args.timeout is not None else space.timeout
+    study, _ = open_study(name, url)
+    seed = int(np.random.SeedSequence([len(study.trials)]).generate_state(1)[0] >> 2)  # fresh
+    workers_sh, finish_sh, array, last = submit(
+        name, url, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
+        options=args.sbatch_option or [], seed=seed, timeout=timeout, final=not args.no_final,
+        dry_run=args.dry_run,
+    )  # fmt: skip
+    if args.dry_run:
+        print(f"wrote {workers_sh} and {finish_sh} (not submitted: --dry-run)")
+        return 0
+    print(f"submitted job array {array} ({args.workers} workers, {workers_sh}) and job {last} "
+          f"(rescoring, final fit, report when the array ends: {finish_sh}); watch with "
+          f"`squeue -j {array},{last}`; logs in storage/{name}/slurm/")  # fmt: skip
+    return 0
+
+
+def check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise UserError(f"--timeout: seconds, at least 0, got {timeout}")
 
 
 def print_final(name: str, url: str) -> None:
@@ -381,13 +439,16 @@ def cmd_worker(args) -> int:
 
     from segcore.device import pick_device
     from segcore.worker import run_worker
+    from segcore.workers import die_with_launcher
 
+    die_with_launcher()
+    check_timeout(args.timeout)
     threads = os.environ.get("TRAIN_OPTUNA_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
     name, url = _study_args(args)
     pick_device(args.device)
-    return run_worker(name, url, args.seed, args.device)
+    return run_worker(name, url, args.seed, args.device, args.timeout)
 
 
 def cmd_score(args) -> int:
@@ -476,28 +537,58 @@ def build_parser() -> Parser:
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--verbose", action="store_true", help="optuna's own log lines too")
 
+    def new_study_options(p):
+        p.add_argument(
+            "--space", required=True, help="search-space YAML (search_spaces/quick.yaml)"
+        )
+        study_options(p)
+        p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+        p.add_argument("--test-data", help="labelled folder of test images (default: split off)")
+        p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
+        p.add_argument("--timeout", type=float,
+                       help="seconds: no trial starts after it, running ones stop at an epoch's "
+                            "end and resume next time; then rescoring and the final fit "
+                            "(default: the space's study.timeout, else none)")  # fmt: skip
+        p.add_argument("--no-final", action="store_true",
+                       help="no final fit: best.json only, no best.pt")  # fmt: skip
+        device_option(p)
+
     p = sub.add_parser("search", help="create or resume a study, run it to budget, rescore, export")
-    p.add_argument("--space", required=True, help="search-space YAML (search_spaces/quick.yaml)")
-    study_options(p)
-    p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
-    p.add_argument("--test-data", help="labelled folder of test images (default: split off)")
-    p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
+    new_study_options(p)
     p.add_argument("--workers", type=int,
                    help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
     p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
     p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     p.add_argument(
         "--no-rescore", action="store_true",
-        help="stop when the budget is met; run score, export, final and report later",
+        help="stop when the budget is met; run `finish` (or score, export, final, report) later",
     )  # fmt: skip
-    p.add_argument("--no-final", action="store_true",
-                   help="no final fit: best.json only, no best.pt")  # fmt: skip
-    device_option(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("slurm", help="run the search as a SLURM job array, then finish it")
+    new_study_options(p)
+    p.add_argument("--workers", type=int, default=4, help="array tasks, one worker each (4)")
+    p.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs per task (default 2)")
+    p.add_argument("--gpus-per-worker", type=int, default=0,
+                   help="GPUs per task: 1 on a GPU partition (--gres=gpu:1); default 0")  # fmt: skip
+    p.add_argument("--sbatch-option", action="append", metavar="OPT",
+                   help="passed to sbatch in both scripts, e.g. --sbatch-option=--partition=gpu "
+                        "(repeat for more)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="write the job scripts, submit nothing")
+    p.set_defaults(func=cmd_slurm)
+
+    p = sub.add_parser("finish", help="rescore, export, final fit and report a study's trials")
+    study_options(p)
+    p.add_argument("--no-final", action="store_true", help="no final fit")
+    device_option(p)
+    p.set_defaults(func=cmd_finish)
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")
     study_options(p)
     p.add_argument("--seed", type=seed_value, help="sampler seed (default: none)")
+    p.add_argument("--timeout", type=float,
+                   help="seconds: no trial starts after it, the running one stops at an epoch's "
+                        "end (to resume later)")  # fmt: skip
     device_option(p)
     p.set_defaults(func=cmd_worker)
 

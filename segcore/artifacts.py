@@ -44,8 +44,9 @@ def listed(study: optuna.Study) -> list[tuple[int, str, dict]]:
     return out
 
 
-def attach(study: optuna.Study, trial_id: int, path: Path, store, mimetype: str) -> str:
-    """Put a file in the store and list it on the trial's page (running or finished)."""
+def attach(study: optuna.Study, trial_id: int, path: Path, store, mimetype: str) -> tuple[str, str]:
+    """Put a file in the store and list it on the trial's page (running or finished); returns
+    (attribute key, artifact id), what detach takes."""
     artifact_id = str(uuid.uuid4())  # the dashboard serves only ids of hex digits and dashes
     with open(path, "rb") as f:
         store.write(artifact_id, f)
@@ -53,7 +54,7 @@ def attach(study: optuna.Study, trial_id: int, path: Path, store, mimetype: str)
             "encoding": None}  # fmt: skip
     key = f"{PREFIX}{trial_id}:{artifact_id}"
     study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
-    return artifact_id
+    return key, artifact_id
 
 
 def detach(study: optuna.Study, key: str, artifact_id: str, store) -> None:

@@ -51,7 +51,7 @@ def store_checkpoint(
         path = Path(tmp) / FILENAME
         save_model(path, state, cfg, in_channels=train_set.channels, classes=train_set.classes,
                    palette=train_set.palette, extra=extra)  # fmt: skip
-        return attach(study, trial_id, path, store, "application/octet-stream")
+        return attach(study, trial_id, path, store, "application/octet-stream")[1]
 
 
 def load_checkpoint(study: optuna.Study, trial: FrozenTrial, store, device: torch.device):

@@ -132,14 +132,38 @@ def _to_torch(batch: dict[str, np.ndarray], pin: bool) -> tuple[torch.Tensor, to
     return x, y
 
 
+def rng_state(loader: PatchLoader) -> dict:
+    """Every random state an in-process stream draws from (the loader's, numpy's global one, used
+    by the transforms, and Python's), as plain values and tensors that torch.save can store."""
+    name, keys, pos, has_gauss, gauss = loader.rng.get_state()
+    g_name, g_keys, g_pos, g_has, g_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "loader": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "numpy": [g_name, torch.from_numpy(g_keys.astype(np.int64)), g_pos, g_has, g_gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def _set_rng_state(loader: PatchLoader, state: dict) -> None:
+    name, keys, pos, has_gauss, gauss = state["loader"]
+    loader.rng.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 def _in_process(
-    loader: PatchLoader, transform: AbstractTransform | None, seed: int
+    loader: PatchLoader, transform: AbstractTransform | None, seed: int, resume: dict | None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless transformed batches computed in this process."""
+    """Endless transformed batches computed in this process; from a saved rng_state if given."""
     # Seeded on the first batch, not at construction, so creating another stream in between
     # does not reseed this one; same seeds as MultiThreadedAugmenter's worker 0.
     np.random.seed(_process_seeds(seed, 0)[0])
     loader.set_thread_id(0)
+    if resume is not None:
+        _set_rng_state(loader, resume)
     for batch in loader:
         yield batch if transform is None else transform(**batch)
 
@@ -152,11 +176,18 @@ class BatchStream(Iterator[tuple[torch.Tensor, torch.Tensor]]):
         source: Iterator[dict[str, np.ndarray]],
         augmenter: MultiThreadedAugmenter | None,
         pin_memory: bool,
+        loader: PatchLoader | None = None,
     ) -> None:
         self._source = source
         self._augmenter = augmenter
         self._pin = pin_memory and torch.cuda.is_available()
         self._closed = False
+        self._loader = loader
+
+    def rng_state(self) -> dict | None:
+        """The random state to resume this stream from exactly (train_batches(resume=...)),
+        or None with augmentation processes, whose states live in other processes."""
+        return None if self._loader is None else rng_state(self._loader)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._closed:
@@ -188,8 +219,10 @@ def train_batches(
     seed: int,
     processes: int = 0,
     pin_memory: bool = False,
+    resume: dict | None = None,
 ) -> BatchStream:
-    """Endless augmented batches: x (B, C, P, P) float32, y (B, P, P) int64 torch tensors."""
+    """Endless augmented batches: x (B, C, P, P) float32, y (B, P, P) int64 torch tensors.
+    `resume`: a BatchStream.rng_state() to continue exactly where that stream was (in-process)."""
     _check_data(images, masks)
     _check_patch_size(patch_size)
     if batch_size < 1:
@@ -208,7 +241,7 @@ def train_batches(
     )
     transform = build_transforms(aug_strength, patch_size)
     if processes == 0:
-        return BatchStream(_in_process(loader, transform, seed), None, pin_memory)
+        return BatchStream(_in_process(loader, transform, seed, resume), None, pin_memory, loader)
     # Workers hand back numpy, not tensors: torch shares tensors between processes by passing
     # file descriptors, which fails when a worker exits with a batch still queued (at close()).
     # So tensors are made, and pinned, here; MultiThreadedAugmenter's pinning only sees tensors.

@@ -24,7 +24,7 @@ DIST_KEYS = {
     "int": {"type", "low", "high", "log", "step"},
     "categorical": {"type", "choices"},
 }
-STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start"}
+STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start", "timeout"}
 # One value for every trial of a study: the split and the validation patch set, so that trials
 # are compared on the same images and pixels; and what only `train` / the final fit use.
 PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
@@ -44,6 +44,7 @@ class Space:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     top_k: int = 3
     warm_start: bool = False
+    timeout: float | None = None  # seconds of trials a search runs at most (--timeout)
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = "space"
 
@@ -199,6 +200,10 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
         out["top_k"] = _number(study["top_k"], f"{source}: study.top_k", "int")
         if out["top_k"] < 1:
             raise UserError(f"{source}: study.top_k: must be at least 1")
+    if "timeout" in study:
+        out["timeout"] = _number(study["timeout"], f"{source}: study.timeout", "float")
+        if out["timeout"] < 0:
+            raise UserError(f"{source}: study.timeout: seconds, at least 0")
     if study.get("metric", "patch_miou") != "patch_miou":
         raise UserError(f"{source}: study.metric: only patch_miou is supported")
     if "warm_start" in study:

@@ -121,8 +121,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 engine_kwargs=kwargs,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
+                # a killed worker's trial is retried (3 times at most), its reported values kept
+                # for the pruner; the retry resumes from its saved state (segcore.resume)
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=3
+                    max_retry=3, inherit_intermediate_values=True
                 ),
             )
         except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)

@@ -39,6 +39,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu().clone() for n, t in state.items()}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's random, numpy and torch (batchgenerators draws from the first two)."""
     random.seed(seed)
@@ -97,10 +101,17 @@ def train(
     on_epoch: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
     progress: bool = True,
+    resume: dict | None = None,
+    on_saved: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train one configuration on `device` (default: pick_device()); returns the weights of the
     epoch with the best validation patch mIoU (on_epoch(epoch, it) after each epoch), or with
-    no validation images (val_set None) those of the last epoch."""
+    no validation images (val_set None) those of the last epoch.
+
+    After each epoch, before on_epoch, on_saved(state) gets everything needed to go on from
+    there (weights, optimizer, schedule, random states, the best so far, the history); given
+    back as `resume`, training continues as if it had never stopped (exactly, on the CPU and
+    with in-process augmentation)."""
     seed_everything(cfg.seed)
     dev = device or pick_device()
     k = len(train_set.classes)
@@ -111,6 +122,17 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total)
     )
+    result, first, seed = TrainResult({}, -1, float("-inf")), 0, cfg.seed
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        best = resume["best"]
+        result = TrainResult(best["state_dict"], best["epoch"], best["miou"], resume["history"])
+        first = resume["epoch"] + 1
+        if resume["batches"] is None:  # augmentation processes: a fresh stream, not a replay
+            seed = int(np.random.SeedSequence([cfg.seed, first]).generate_state(1)[0] >> 1)
     if val_set is not None:  # one patch set of one size (val_patch) for every trial of a study
         vx, vy = (torch.from_numpy(a) for a in validation_patches(
             val_set.images, val_set.masks, patch_size=cfg.val_patch,
@@ -121,13 +143,14 @@ def train(
     stream = train_batches(
         train_set.images, train_set.masks, patch_size=cfg.patch_size,
         batch_size=cfg.batch_size, aug_strength=cfg.aug_strength, fg_fraction=cfg.fg_fraction,
-        seed=cfg.seed, processes=cfg.aug_processes, pin_memory=dev.type == "cuda",
+        seed=seed, processes=cfg.aug_processes, pin_memory=dev.type == "cuda",
+        resume=resume["batches"] if resume is not None else None,
     )  # fmt: skip
-    result = TrainResult({}, -1, float("-inf"))
-    bar = tqdm(total=total, disable=not progress, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total, initial=first * cfg.steps_per_epoch, disable=not progress,
+               desc="train", unit="step", leave=False)  # fmt: skip
     try:
         model.train()
-        for epoch in range(cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             started, losses = time.perf_counter(), []
             for step in range(cfg.steps_per_epoch):
                 x, y = next(stream)
@@ -162,9 +185,15 @@ def train(
                 log.info(line)
             if miou is None or miou > result.best_patch_miou:
                 result.best_epoch, result.best_patch_miou = epoch, miou
-                result.state_dict = {
-                    n: t.detach().cpu().clone() for n, t in model.state_dict().items()
-                }
+                result.state_dict = _on_cpu(model.state_dict())
+            if on_saved is not None:
+                on_saved({
+                    "epoch": epoch, "model": _on_cpu(model.state_dict()),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "batches": stream.rng_state(),
+                    "history": result.history, "best": {"state_dict": result.state_dict,
+                    "epoch": result.best_epoch, "miou": result.best_patch_miou},
+                })  # fmt: skip
             if on_epoch is not None and miou is not None:
                 on_epoch(epoch, miou)
     finally:

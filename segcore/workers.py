@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.errors import UserError
+from segcore.resume import retry
 from segcore.storage import STORAGE_ENV, open_storage
 from segcore.study import budget, counts
 from segcore.worker import GAVE_UP, GIVE_UP_AFTER
@@ -41,6 +44,27 @@ def parse_gpus(spec: str) -> list[int]:
     return gpus
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_ENV = "TRAIN_OPTUNA_LAUNCHER"  # the launcher's pid, set only for the workers it starts
+DEADLINE_ENV = "TRAIN_OPTUNA_DEADLINE"  # the search's deadline (time.time()), for its workers
+
+
+def die_with_launcher() -> None:
+    """In a worker the launcher started: ask the kernel for SIGTERM when the launcher dies,
+    however it dies (SIGKILL, a crash), and exit at once if it is already gone. SIGTERM stops the
+    trial, which is retried and resumes. A worker started by hand has no launcher and is not
+    affected. Linux only; elsewhere such workers outlive their launcher."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the prctl: no signal will come
+        sys.exit(1)
+
+
 def worker_env(index: int, gpus: list[int], threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = str(gpus[index % len(gpus)]) if gpus else ""
@@ -53,8 +77,10 @@ class Launcher:
     """Starts N workers on one study and keeps them going until the budget is met."""
 
     def __init__(self, name: str, url: str, n_workers: int, gpus: list[int], quiet: bool,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, timeout: float | None = None):  # fmt: skip
         self.name, self.url, self.quiet, self.seed = name, url, quiet, seed
+        # the wall-clock budget: no trial starts after it; running ones stop at an epoch's end
+        self.deadline = None if timeout is None else time.time() + timeout
         self.gpus = gpus
         self.threads = max(1, (os.cpu_count() or 1) // n_workers)
         self.log_dir = Path("storage") / name
@@ -70,7 +96,10 @@ class Launcher:
         cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name,
                "--seed", str(self.worker_seed(i))]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
+        if self.deadline is not None:  # the search's own, not counted from the worker's start
+            env[DEADLINE_ENV] = repr(self.deadline)
         env[STORAGE_ENV] = self.url  # not on the command line, where `ps` shows a password
+        env[PARENT_ENV] = str(os.getpid())  # die_with_launcher
         # own session: a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
         self.procs[i] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -108,6 +137,12 @@ class Launcher:
                 f"--study {self.name}: stopped, {GIVE_UP_AFTER} trials in a row failed in a "
                 f"worker (last: {reason}); check the data and the space"
             )
+        if self.deadline is not None and time.time() >= self.deadline:
+            if c["complete"] + c["pruned"] < budget(self.study):
+                print(f"time limit reached: {c['complete'] + c['pruned']} of "
+                      f"{budget(self.study)} trials; stopped ones resume when the search is run "
+                      f"again", file=sys.stderr)  # fmt: skip
+            return 0
         if c["complete"] + c["pruned"] < budget(self.study):
             raise UserError(
                 f"--study {self.name}: every worker stopped before the budget was met; "
@@ -145,11 +180,13 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        # a killed worker cannot fail its own trial: fail what is still RUNNING from here
-        pids = {str(p.pid) for p in live}
+        # a killed worker cannot fail its own trial: fail what this machine's killed workers
+        # still hold RUNNING (by host and pid: other machines' trials are theirs) and retry it
+        host, pids = socket.gethostname(), {p.pid for p in live}
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if str(t.user_attrs.get("pid")) in pids:
-                self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if t.user_attrs.get("host") == host and t.user_attrs.get("pid") in pids:
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                retry(self.study, self.study.get_trials(deepcopy=False)[t.number])
 
     def progress(self, started: float, final: bool = False) -> None:
         if self.quiet and not final:

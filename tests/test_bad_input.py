@@ -164,6 +164,13 @@ def damaged_model(tmp):
                palette=[(0, 0, 0), (255, 0, 0), (0, 255, 0)])  # fmt: skip
 
 
+def other_labels(tmp):
+    bad = data_copy(tmp, "bad")
+    labels = json.loads((bad / "labels.json").read_text())
+    labels["classes"] = ["a", "b", "c"]
+    (bad / "labels.json").write_text(json.dumps(labels))
+
+
 def space(text):
     return lambda tmp: (tmp / "bad.yaml").write_text(text)
 
@@ -326,6 +333,21 @@ CASES = [
      "--device 'tpu': use auto, cpu, cuda or cuda:N"),
     ("device-no-cuda", None, ["train", "--config", "cfg.json", "--out", "x.pt", "--device",
      "cuda"], "--device cuda: no CUDA device is visible"),
+    ("timeout-negative", None, [*SEARCH, "--timeout", "-5"], "--timeout: seconds, at least 0"),
+    ("slurm-workers-0", None, ["slurm", "--space", "space.yaml", "--study", "x", "--workers",
+     "0"], "--workers: array tasks, from 1 to 10000"),
+    ("final-no-scores", a_study, ["final", "--study", "x"], "no full-image scores yet"),
+    ("export-model-no-scores", a_study, ["export", "--study", "x", "--model", "w.pt"],
+     "no full-image scores yet"),
+    ("test-data-other-classes", other_labels, [*SEARCH, *GOOD_DATA, "--test-data", "bad"],
+     "--test-data: classes ['a', 'b', 'c'] differ from --data's"),
+    ("space-final-searched", space(TINY_SPACE.replace("study:", "final: {lr: 0.1}\nstudy:")),
+     ["check", "--space", "bad.yaml"], "final.lr: the final fit keeps the winner's value"),
+    ("space-searched-split", space(TINY_SPACE.replace("search:\n", "search:\n  test_fraction: "
+     "{type: float, low: 0.1, high: 0.3}\n")), ["check", "--space", "bad.yaml"],
+     "'test_fraction' cannot be searched"),
+    ("space-timeout", space(TINY_SPACE.replace("study: {", "study: {timeout: -1, ")),
+     ["check", "--space", "bad.yaml"], "study.timeout: seconds, at least 0"),
     ("port-range", None, ["dashboard", "--study", "x", "--port", "70000"], "--port 70000: must"),
 ]
 # fmt: on

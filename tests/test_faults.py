@@ -31,6 +31,7 @@ from segcore.config import TrialConfig
 from segcore.files import save_model, write_text
 from segcore.space import load_space
 from segcore.study import create_study
+from segcore.worker import INTERRUPTED
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
 
@@ -80,14 +81,14 @@ def wait_running(workdir, study, url, enough, timeout=90):
     raise AssertionError(f"study {study}: trials did not start")
 
 
-def test_killed_worker_trial_is_failed_and_retried(workdir, storage):
+def test_killed_worker_trial_is_retried_and_resumes_from_its_saved_epoch(workdir, storage):
     study = f"k-{'pg' if storage else 'sqlite'}"
     proc = search_process(workdir, "slow.yaml", study, storage, "--n-trials", 4, heartbeat="1,4")
     running = wait_running(
         workdir, study, storage,
-        lambda ts: any("pid" in t.user_attrs and t.intermediate_values for t in ts),
+        lambda ts: any("pid" in t.user_attrs and len(t.intermediate_values) >= 2 for t in ts),
     )  # fmt: skip
-    victim = next(t for t in running if "pid" in t.user_attrs and t.intermediate_values)
+    victim = next(t for t in running if len(t.intermediate_values) >= 2)
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
@@ -98,16 +99,21 @@ def test_killed_worker_trial_is_failed_and_retried(workdir, storage):
     assert by_number[victim.number]["state"] == "FAIL"
     retried = [t for t in trials if t["number"] > victim.number and t["params"] == victim.params]
     assert retried, "the failed trial was not retried"
+    resumed = retried[0]["user_attrs"]["resumed_from"]  # the retry did not start from epoch 0
+    assert resumed["trial"] == victim.number and resumed["epoch"] >= 1, resumed
+    assert retried[0]["state"] in ("COMPLETE", "PRUNED")
     counts = states(trials)
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and "RUNNING" not in counts
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
+    """Ctrl-C (or SIGTERM) to `search`: every worker stops its trial after saving, nothing is
+    left RUNNING; the same command again resumes those trials instead of sampling new ones."""
     study = f"i{int(sig)}"
     proc = search_process(workdir, "long.yaml", study, None, "--workers", 2, "--n-trials", 2)
     running = wait_running(
-        workdir, study, None, lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts)
+        workdir, study, None, lambda ts: len(ts) == 2 and all(t.intermediate_values for t in ts)
     )
     pids = {t.user_attrs.get("pid") for t in running}
     started = time.monotonic()
@@ -120,11 +126,55 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
     trials = trials_via_optuna_cli(workdir, study)
     assert "RUNNING" not in states(trials)
     reasons = {t["user_attrs"].get("fail_reason") for t in trials if t["state"] == "FAIL"}
-    assert reasons == {"interrupted (Ctrl-C or SIGTERM)"}, (trials, err)
+    assert reasons == {INTERRUPTED}, (trials, err)
+    stopped = {t["number"]: t["params"] for t in trials if t["state"] == "FAIL"}
     cli(workdir, "search", "--space", "long.yaml", "--study", study, "--data", "d", "--quiet",
         "--no-rescore")  # fmt: skip
-    counts = states(trials_via_optuna_cli(workdir, study))
+    trials = trials_via_optuna_cli(workdir, study)
+    counts = states(trials)
     assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 2 and "RUNNING" not in counts
+    done = [t for t in trials if t["state"] in ("COMPLETE", "PRUNED")]
+    for t in done:  # the interrupted trials, resumed: not new samples
+        assert t["user_attrs"]["resumed_from"]["trial"] in stopped, t
+        assert t["params"] == stopped[t["user_attrs"]["resumed_from"]["trial"]]
+
+
+def test_killing_the_launcher_stops_its_workers(workdir):
+    """SIGKILL to `search` (no chance to clean up): its workers get SIGTERM from the kernel
+    and stop within seconds, leaving their trials failed with a retry, to resume later."""
+    proc = search_process(workdir, "long.yaml", "orphans", None, "--workers", 2, "--n-trials", 2)
+    running = wait_running(workdir, "orphans", None,
+                           lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts))  # fmt: skip
+    pids = {t.user_attrs["pid"] for t in running}
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in pids), "workers outlived their launcher by 10 s"
+    trials = trials_via_optuna_cli(workdir, "orphans")
+    assert states(trials).get("WAITING") == 2 and "RUNNING" not in states(trials), states(trials)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").is_dir() and "Z" not in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_timeout_stops_starting_trials_and_still_hands_over(workdir):
+    """--timeout: no trial starts after it (running ones stop at an epoch's end: see
+    tests/test_study_side.py), and the search still rescores, fits and exports."""
+    cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d", "--quiet",
+        "--workers", 1, "--n-trials", 2, "--no-rescore")  # fmt: skip
+    out = cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d",
+              "--quiet", "--workers", 1, "--n-trials", 24, "--timeout", 1)  # fmt: skip
+    trials = trials_via_optuna_cli(workdir, "late")
+    assert len(trials) == 2 and "time limit reached: 2 of 24 trials" in out.stderr, out.stderr
+    best = json.loads((workdir / "reports" / "late" / "best.json").read_text())
+    assert best["test"]["images"] == 1 and "best model: reports/late/best.pt" in out.stdout
 
 
 def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage):

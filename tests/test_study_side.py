@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import optuna
 import pytest
@@ -27,7 +28,16 @@ from segcore.space import parse_space
 from segcore.storage import SlotLock, open_storage
 from segcore.study import create_study, load_splits, study_splits, warm_start_params
 from segcore.synthetic import write_synthetic
-from segcore.worker import DONE, INTERRUPTED, WAIT, Interrupts, run_trial, take_slot, tell
+from segcore.worker import (
+    DONE,
+    INTERRUPTED,
+    WAIT,
+    Context,
+    Interrupts,
+    take_slot,
+    tell,
+    work,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -60,17 +70,18 @@ class Run:
             self.study = optuna.load_study(study_name="s", storage=self.url, pruner=pruner)
         self.data = study_splits(self.study, self.space)
         self.store = open_store("s")
-        self.lock = SlotLock(open_storage(self.url), self.url, "s")
+        self.storage = open_storage(self.url)
+        self.lock = SlotLock(self.storage, self.url, "s")
 
-    def trial(self, interrupts=None, **params):
+    def trial(self, interrupts=None, deadline=None, **params):
         """Take a slot (with `params` enqueued first) and run the trial; returns (trial, outcome)."""
         if params:
             self.study.enqueue_trial(params)
         trial = take_slot(self.study, self.lock)
         assert not isinstance(trial, str), trial
-        outcome = run_trial(self.study, trial, self.space, self.data, self.store,
-                            interrupts or Interrupts(), CPU)  # fmt: skip
-        tell(self.study, trial, outcome)
+        ctx = Context(self.study, self.space, self.data, self.store, interrupts or Interrupts(),
+                      CPU, deadline)  # fmt: skip
+        outcome = work(trial, ctx, self.storage, seed=7)
         return self.study.trials[trial.number], outcome
 
 
@@ -83,7 +94,8 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert trial.state == TrialState.COMPLETE and trial.value == outcome.value
     assert trial.value == max(trial.intermediate_values.values())
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
-    assert trial.user_attrs["config"]["patch_size"] == 16
+    assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["sampler_seed"] == 7
+    assert trial.user_attrs["pid"] == os.getpid()
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
@@ -312,3 +324,33 @@ def test_one_validation_patch_size_for_every_trial(tmp_path, monkeypatch):
     vx, vy = validation_patches(val.images, val.masks, patch_size=32, per_image=2, seed=0)
     again = patch_miou(model, torch.from_numpy(vx), torch.from_numpy(vy), 3)
     assert again == pytest.approx(small.value, abs=1e-9)
+
+
+def test_a_stopped_trial_is_retried_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """The time limit stops a trial after its first epoch: it ends FAIL with a retry queued,
+    the retry continues from the saved state, and ends exactly as a trial never stopped."""
+    import datetime
+
+    import segcore.resume
+    from segcore.resume import drop_states, states
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["fixed"]["epochs"] = 3
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.study.set_user_attr("n_trials", 2)
+    stopped, outcome = run.trial(deadline=0.0, **GOOD)  # deadline long past: stop after epoch 0
+    assert stopped.state == TrialState.FAIL and outcome.retry
+    assert stopped.user_attrs["fail_reason"].startswith("stopped at the time limit")
+    assert list(stopped.intermediate_values) == [0]
+    assert set(states(run.study)) == {stopped._trial_id}  # kept: its retry is WAITING
+    resumed, _ = run.trial()  # takes the retry (WAITING first)
+    assert resumed.params == stopped.params and resumed.state == TrialState.COMPLETE
+    assert resumed.user_attrs["resumed_from"] == {"trial": stopped.number, "epoch": 0}
+    assert sorted(resumed.intermediate_values) == [0, 1, 2]  # one curve for the pruner
+    assert set(states(run.study)) == {stopped._trial_id}  # kept a while: it failed just now
+    monkeypatch.setattr(segcore.resume, "GRACE", datetime.timedelta(0))
+    drop_states(run.study, run.store)
+    assert not states(run.study)  # nothing can resume from them any more
+    never, _ = run.trial(**GOOD)
+    assert never.intermediate_values == resumed.intermediate_values  # exactly the same training
+    assert never.value == resumed.value

@@ -76,3 +76,33 @@ def test_lr_schedules():
     assert [lr_factor("step", s, 10) for s in (0, 4, 5, 9)] == [1, 1, 0.1, 0.1]
     assert lr_factor("poly", 0, 10) == 1 and lr_factor("poly", 9, 10) < 0.2
     assert lr_factor("constant", 9, 10) == 1
+
+
+def test_resumed_training_ends_with_the_same_weights(data, tmp_path):
+    """Stopped after epoch 1 and resumed from the saved state (through a file, as a worker
+    does), training ends exactly where an uninterrupted run ends (CPU, in-process batches)."""
+
+    class Stop(Exception):
+        pass
+
+    cfg = TrialConfig(**TINY, epochs=4, lr=0.05, aug_strength=0.5, schedule="poly")
+    whole = train(cfg, *data, progress=False)
+    saved = tmp_path / "resume.pt"
+
+    def save(state):
+        torch.save(state, saved)
+
+    def stop_after_1(epoch, miou):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, *data, on_epoch=stop_after_1, on_saved=save, progress=False)
+    state = torch.load(saved, weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 2
+    resumed = train(cfg, *data, resume=state, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert [h["patch_miou"] for h in resumed.history] == [h["patch_miou"] for h in whole.history]
+    assert resumed.best_epoch == whole.best_epoch
+    for name, tensor in whole.state_dict.items():
+        assert torch.equal(tensor, resumed.state_dict[name]), name
