@@ -175,18 +175,19 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from PIL import Image
-    from tqdm import tqdm
 
     from segcore.data import colorize
     from segcore.files import atomic_write, check_output
     from segcore.infer import predict_probs
     from segcore.pictures import prediction_panel
+    from segcore.progress import progress
 
     check_output(args.out, "--out", folder=True)
     model, meta, dataset = _model_and_data(args, args.images)
     cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
     out = Path(args.out)
-    for i in tqdm(range(len(dataset.images)), disable=args.quiet, desc="predict"):
+    n = len(dataset.images)
+    for i in progress(range(n), n, "predict", "images", enabled=not args.quiet):
         image, name = dataset.images[i], dataset.names[i]
         probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
                               gaussian=cfg.gaussian, tta=cfg.tta).cpu().numpy()  # fmt: skip
@@ -378,8 +379,8 @@ def cmd_report(args) -> int:
     from segcore.study import open_study, reports_dir
 
     name, url = _study_args(args)
-    study, _ = open_study(name, url)
-    index = write_report(study, reports_dir(name), progress=not args.quiet)
+    study, space = open_study(name, url)
+    index = write_report(study, space, reports_dir(name), progress=not args.quiet)
     print(f"wrote {index}")
     return 0
 

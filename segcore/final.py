@@ -22,6 +22,7 @@ from segcore.config import TrialConfig
 from segcore.errors import UserError
 from segcore.files import atomic_write, write_text
 from segcore.fit import fit
+from segcore.notes import write_notes
 from segcore.space import Space, final_config
 from segcore.study import open_study, reports_dir, study_splits
 
@@ -81,6 +82,7 @@ def export(name: str, url: str, out: str | Path | None = None, model: str | Path
             atomic_write(model, lambda dst: shutil.copyfile(path, dst))
     path = Path(out) if out else reports_dir(name) / "best.json"
     write_text(path, json.dumps(record, indent=2) + "\n")
+    write_notes(study, record)
     return path
 
 

@@ -99,15 +99,13 @@ def _tile_probs(model, tiles: torch.Tensor, tta: bool, device: torch.device) -> 
 def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_image=None) -> dict:
     """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set.
     `on_image(index, probs)`, if given, sees each image's class probabilities (C, H, W)."""
-    from tqdm import tqdm
+    from segcore.progress import progress as shown
 
     k = len(dataset.classes)
     cm = np.zeros((k, k), np.int64)
     model.eval()
     pairs = enumerate(zip(dataset.images, dataset.masks))
-    for i, (image, mask) in tqdm(
-        pairs, total=len(dataset.images), disable=not progress, desc="score"
-    ):
+    for i, (image, mask) in shown(pairs, len(dataset.images), "score", "images", progress):
         probs = predict_probs(
             model,
             image,

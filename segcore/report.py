@@ -9,10 +9,11 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
-from tqdm import tqdm
 
 from segcore.errors import UserError
 from segcore.files import atomic_write, write_text
+from segcore.pictures import curves_plot, tradeoff_plot
+from segcore.progress import progress as progress_of
 
 PLOTS = [
     ("history.png", "Optimization history", "plot_optimization_history"),
@@ -51,8 +52,12 @@ def _save_plot(study: optuna.Study, function: str, path: Path) -> str | None:
     return None
 
 
+COSTS = ("params", "gflop_per_patch", "infer_ms", "seconds_per_epoch")  # trial user attrs
+
+
 def top_table(study: optuna.Study, scores: dict, limit: int = 10) -> list[dict]:
-    """Rows of the best finished trials by patch mIoU: params, scores, epochs run, state."""
+    """Rows of the best finished trials by patch mIoU: hyperparameters, validation scores,
+    epochs run, state, and what the model costs (parameters, FLOP, ms per image, s per epoch)."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     ranked = sorted(finished, key=lambda t: (-(t.value if t.value is not None else -1), t.number))
     return [
@@ -63,9 +68,39 @@ def top_table(study: optuna.Study, scores: dict, limit: int = 10) -> list[dict]:
             "full_image_miou": scores.get(str(t.number), {}).get("miou"),
             "epochs_run": len(t.intermediate_values),
             "params": t.params,
+            "costs": {k: t.user_attrs.get(k) for k in COSTS},
         }
         for t in ranked[:limit]
     ]
+
+
+def _study_plots(study: optuna.Study, space, out: Path) -> list[tuple[str, str, str | None]]:
+    """Our own plots: every trial's curves, and validation mIoU against inference time."""
+    trials = study.get_trials(deepcopy=False)
+    measured = [
+        {"number": t.number, "state": t.state.name, "value": t.value,
+         "infer_ms": t.user_attrs["infer_ms"], "feasible": "pruned_reason" not in t.user_attrs}
+        for t in trials
+        if t.state.is_finished() and "infer_ms" in t.user_attrs
+    ]  # fmt: skip
+    curves = [{"number": t.number, "state": t.state.name, "history": t.user_attrs["history"]}
+              for t in trials if t.user_attrs.get("history")]  # fmt: skip
+    winner = (study.user_attrs.get("final") or {}).get("trial")
+    scores = study.user_attrs.get("full_image_scores") or {}
+    if winner is None and scores:
+        winner = int(max(scores, key=lambda n: (scores[n]["miou"], -int(n))))
+    plots = []
+    for file, title, items, draw in (
+        ("curves.png", "Training curves of every trial", curves,
+         lambda: curves_plot(out / "curves.png", curves)),
+        ("tradeoff.png", "Accuracy against inference time (feasible front, limit, winner)",
+         measured, lambda: tradeoff_plot(out / "tradeoff.png", measured,
+                                         space.constraints.get("max_infer_ms"), winner)),
+    ):  # fmt: skip
+        if items:
+            draw()
+        plots.append((file, title, None if items else "no trial recorded it yet"))
+    return plots
 
 
 def _fmt(value) -> str:
@@ -126,11 +161,13 @@ def _index_html(name: str, plots: list[tuple[str, str, str | None]], rows: list[
     params = sorted({p for r in rows for p in r["params"]})
     head = "".join(f"<th>{html.escape(h)}</th>" for h in
                    ["trial", "state", "validation patch mIoU", "validation full-image mIoU",
-                    "epochs", *params])  # fmt: skip
+                    "epochs", *params, "parameters", "GFLOP per patch", "ms per image",
+                    "s per epoch"])  # fmt: skip
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in
                          [r["trial"], r["state"], r["patch_miou"], r["full_image_miou"],
-                          r["epochs_run"], *(r["params"].get(p) for p in params)]) + "</tr>"
+                          r["epochs_run"], *(r["params"].get(p) for p in params),
+                          *(r["costs"][c] for c in COSTS)]) + "</tr>"
         for r in rows
     )  # fmt: skip
     figures = "".join(
@@ -157,15 +194,16 @@ figure{{margin:1em 0}}figcaption{{font-weight:bold}}</style></head><body>
 """
 
 
-def write_report(study: optuna.Study, out: Path, progress: bool = True) -> Path:
+def write_report(study: optuna.Study, space, out: Path, progress: bool = True) -> Path:
     """Write plots, table.json, and index.html under `out`; panels are already in out/panels."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if not finished:
         raise UserError(f"--study {study.study_name!r}: no finished trial yet; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    for file, title, function in tqdm(PLOTS, disable=not progress, desc="report"):
+    for file, title, function in progress_of(PLOTS, len(PLOTS), "report", "plots", progress):
         plots.append((file, title, _save_plot(study, function, out / file)))
+    plots += _study_plots(study, space, out)
     scores = study.user_attrs.get("full_image_scores", {})
     rows = top_table(study, scores)
     write_text(out / "table.json", json.dumps(rows, indent=2) + "\n")

@@ -34,10 +34,22 @@ def build_sampler(space: Space, seed: int | None) -> optuna.samplers.BaseSampler
         "random": optuna.samplers.RandomSampler,
         "qmc": optuna.samplers.QMCSampler,
     }[name]
+    if name == "tpe" and space.constraints:  # TPE learns where the limits are broken
+        args = {**args, "constraints_func": _constraints_func(space.constraints)}
     try:
         return make(seed=seed, **args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{space.source}: study.sampler.args: {e}") from None
+
+
+def _constraints_func(constraints: dict[str, float]):
+    from segcore.costs import constraint_values
+
+    def func(trial: optuna.trial.FrozenTrial) -> list[float]:
+        costs = {k: trial.user_attrs.get(k) for k in ("params", "gflop_per_patch", "infer_ms")}
+        return constraint_values(costs if None not in costs.values() else None, constraints)
+
+    return func
 
 
 def build_pruner(space: Space) -> optuna.pruners.BasePruner:

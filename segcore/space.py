@@ -29,7 +29,8 @@ STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start", 
 # are compared on the same images and pixels; and what only `train` / the final fit use.
 PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
              "train_on")  # fmt: skip
-SECTIONS = ("search", "fixed", "study", "final")
+SECTIONS = ("search", "fixed", "study", "final", "constraints")
+LIMITS = ("max_params", "max_gflop_per_patch", "max_infer_ms")  # segcore.costs measures them
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Space:
     search: dict[str, dict[str, Any]]
     fixed: dict[str, Any]  # with val_patch_size set: the largest patch size, unless given
     final: dict[str, Any] = field(default_factory=dict)  # the final fit's overrides
+    constraints: dict[str, float] = field(default_factory=dict)  # limit -> bound (LIMITS)
     n_trials: int = 12
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
@@ -118,11 +120,26 @@ def parse_space(raw: Any, source: str) -> Space:
     dists = {name: _check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
     study = _check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
-    space = Space(dists, fixed, dict(final), raw=raw, source=source, **study)
+    limits = _check_constraints(raw.get("constraints") or {}, source)
+    space = Space(dists, fixed, dict(final), limits, raw=raw, source=source, **study)
     _check_configs(space)
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
     return space
+
+
+def _check_constraints(constraints: Any, source: str) -> dict[str, float]:
+    """`constraints`: limits on what a trial's model costs, each a positive number."""
+    if not isinstance(constraints, dict):
+        raise UserError(f"{source}: 'constraints' must map limits to numbers")
+    out = {}
+    for key, value in constraints.items():
+        if key not in LIMITS:
+            raise UserError(f"{source}: constraints.{key}: use {', '.join(LIMITS)}")
+        out[key] = _number(value, f"{source}: constraints.{key}", "float")
+        if out[key] <= 0:
+            raise UserError(f"{source}: constraints.{key}: must be above 0")
+    return out
 
 
 def _number(value: Any, where: str, kind: str) -> float | int:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from segcore.config import TrialConfig
 from segcore.data import Dataset
@@ -24,6 +23,7 @@ from segcore.errors import DivergedError
 from segcore.metrics import confusion_matrix, mean_iou
 from segcore.model import build_model
 from segcore.patches import train_batches, validation_patches
+from segcore.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def train(
         seed=seed, processes=cfg.aug_processes, pin_memory=dev.type == "cuda",
         resume=resume["batches"] if resume is not None else None,
     )  # fmt: skip
-    bar = tqdm(total=total, initial=first * cfg.steps_per_epoch, disable=not progress,
-               desc="train", unit="step", leave=False)  # fmt: skip
+    bar = Progress(total, "train", "steps", enabled=progress, initial=first * cfg.steps_per_epoch)
     try:
         model.train()
         for epoch in range(first, cfg.epochs):

@@ -31,7 +31,7 @@ from segcore.config import TrialConfig
 from segcore.files import save_model, write_text
 from segcore.space import load_space
 from segcore.study import create_study
-from segcore.worker import INTERRUPTED
+from segcore.trial import INTERRUPTED
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
 

@@ -22,16 +22,27 @@ def study_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     cli(tmp, "data", "--out", "d", "--n", 6, "--height", 48, "--width", 32)
     (tmp / "space.yaml").write_text(tiny_space(3, 2, 6))
-    cli(tmp, "search", "--space", "space.yaml", "--study", "r", "--data", "d", "--quiet")
+    # not --quiet, and to a pipe: what a log file gets
+    out = cli(tmp, "search", "--space", "space.yaml", "--study", "r", "--data", "d")
+    (tmp / "search.out").write_text(out.stdout)
+    (tmp / "search.err").write_text(out.stderr)
     return tmp
+
+
+def test_a_search_logged_to_a_file_has_no_carriage_returns(study_dir):
+    out, err = (study_dir / "search.out").read_text(), (study_dir / "search.err").read_text()
+    assert "\r" not in out + err and "score: 1/1 images (100%)" in err and "report: " in err
+    assert out.rstrip().splitlines()[-1].startswith("best model: reports/r/best.pt: test mIoU")
 
 
 def test_report_files_pictures_and_links(study_dir):
     out = study_dir / "reports" / "r"
     for name in ("history.png", "intermediate.png", "parallel.png", "slice.png", "index.html",
-                 "table.json", "best.json", "scores.json"):  # fmt: skip
+                 "table.json", "best.json", "scores.json", "curves.png", "tradeoff.png",
+                 "best.pt"):  # fmt: skip
         assert (out / name).is_file(), name
     pngs = list(out.rglob("*.png"))
+    assert "Optimism gap (validation minus test)" in (out / "index.html").read_text()
     panels = list((out / "panels").glob("*.png"))
     assert len(panels) == 2  # top 2 trials x 1 validation image (1 of the 6 is held out)
     for png in pngs:
@@ -45,7 +56,25 @@ def test_report_files_pictures_and_links(study_dir):
     rows = json.loads((out / "table.json").read_text())
     assert rows[0]["patch_miou"] >= rows[-1]["patch_miou"]
     assert any(r["full_image_miou"] is not None for r in rows)
-    assert {"trial", "state", "epochs_run", "params"} <= set(rows[0])
+    assert {"trial", "state", "epochs_run", "params", "costs"} <= set(rows[0])
+    assert set(rows[0]["costs"]) == {"params", "gflop_per_patch", "infer_ms", "seconds_per_epoch"}
+
+
+def test_every_trial_records_its_costs_and_curves_where_the_dashboard_shows_them(study_dir):
+    dash = Dashboard(study_dir, "r")
+    try:
+        study_id = dash.get("/api/studies")["study_summaries"][0]["study_id"]
+        trials = dash.get(f"/api/studies/{study_id}?after=0")["trials"]
+    finally:
+        dash.stop()
+    trained = [t for t in trials if t["state"] in ("Complete", "Pruned")]
+    assert len(trained) == 6
+    for t in trained:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        for key in ("params", "gflop_per_patch", "infer_ms", "seconds_per_epoch", "history"):
+            assert key in attrs, (t["number"], sorted(attrs))
+        csv = [a for a in t["artifacts"] if a["filename"] == "curves.csv"]
+        assert len(csv) == 1 and csv[0]["mimetype"] == "text/csv"
 
 
 def test_report_without_finished_trials_is_a_clear_error(study_dir):
@@ -90,7 +119,57 @@ def test_dashboard_in_a_real_browser(study_dir):
             page.wait_for_function("img => img.complete && img.naturalWidth > 0",
                                    arg=img.element_handle(), timeout=30_000)  # fmt: skip
             assert img.evaluate("img => img.naturalWidth") > 100  # the panel, not an icon
+            # the winner's note: its validation full-image mIoU and per-class table
+            miou = best["validation"]["full_image_miou"]
+            page.get_by_text(f"Validation full-image mIoU {miou:.4f}").first.wait_for(
+                timeout=30_000
+            )
+            assert page.locator("th", has_text="ellipse").count() >= 1
+            assert page.get_by_text("the winner, exported").count() >= 1
+            # the study's note names the exported trial and its test mIoU
+            page.goto(f"{dash.url}/dashboard/studies/{study_id}/note")
+            page.get_by_text(f"the winner is trial {best['trial']}").first.wait_for(timeout=30_000)
+            assert page.get_by_text(f"test mIoU {best['test']['miou']:.4f}").count() >= 1
             browser.close()
     finally:
         code, err = dash.stop()
     assert code == 0 and "dashboard stopped" in err
+
+
+def test_a_search_under_an_inference_time_limit_hands_over_a_model_that_meets_it(tmp_path):
+    """max_infer_ms between a narrow and a wide U-Net (measured here first): the wide ones are
+    pruned untrained and say why, the winner meets the limit, the report draws the front."""
+    import torch
+
+    from segcore.config import TrialConfig
+    from segcore.costs import measure
+    from segcore.data import load_folder
+
+    cli(tmp_path, "data", "--out", "d", "--n", 6, "--height", 96, "--width", 96)
+    image = load_folder(tmp_path / "d").images[0]
+    cfg = {"depth": 2, "patch_size": 32, "tta": True}
+    ms = [measure(TrialConfig(**cfg, base_width=w, max_width=64), 1, 3, image,
+                  torch.device("cpu"))["infer_ms"] for w in (2, 64)]  # fmt: skip
+    limit = (ms[0] * ms[1]) ** 0.5
+    assert ms[1] > 4 * ms[0], ms  # far enough apart for a noisy machine
+    (tmp_path / "space.yaml").write_text(f"""
+search:
+  base_width: {{type: categorical, choices: [2, 64]}}
+  lr: {{type: float, low: 0.01, high: 0.1, log: true}}
+fixed: {{depth: 2, patch_size: 32, max_width: 64, epochs: 2, steps_per_epoch: 2, batch_size: 2,
+        tta: true, val_patches_per_image: 2}}
+constraints: {{max_infer_ms: {limit:.3f}}}
+study: {{n_trials: 4, sampler: {{name: random}}, pruner: {{name: none}}, top_k: 2,
+        warm_start: true}}
+""")  # warm start: base_width 16 is not offered, so its first choice, 2: one feasible trial
+    cli(tmp_path, "search", "--space", "space.yaml", "--study", "c", "--data", "d", "--quiet")
+    trials = trials_via_optuna_cli(tmp_path, "c")
+    best = json.loads((tmp_path / "reports" / "c" / "best.json").read_text())
+    assert best["config"]["base_width"] == 2
+    assert trials[best["trial"]]["user_attrs"]["infer_ms"] <= limit
+    for t in trials:
+        if t["params"].get("base_width") == 64 and t["state"] == "PRUNED":
+            assert "above max_infer_ms" in t["user_attrs"]["pruned_reason"], t
+    pixels = np.asarray(Image.open(tmp_path / "reports" / "c" / "tradeoff.png").convert("RGB"))
+    green = (pixels[..., 1] > 100) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
+    assert green.sum() > 50  # the feasible front is drawn

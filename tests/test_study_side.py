@@ -28,16 +28,8 @@ from segcore.space import parse_space
 from segcore.storage import SlotLock, open_storage
 from segcore.study import create_study, load_splits, study_splits, warm_start_params
 from segcore.synthetic import write_synthetic
-from segcore.worker import (
-    DONE,
-    INTERRUPTED,
-    WAIT,
-    Context,
-    Interrupts,
-    take_slot,
-    tell,
-    work,
-)
+from segcore.trial import INTERRUPTED, Context, Interrupts
+from segcore.worker import DONE, WAIT, take_slot, tell, work
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -139,7 +131,7 @@ def test_tell_after_the_heartbeat_failed_the_trial_goes_on(tmp_path, monkeypatch
     run = Run(tmp_path, monkeypatch)
     trial = take_slot(run.study, run.lock)
     run.study.tell(trial, state=TrialState.FAIL)  # what fail_stale_trials does to a silent one
-    from segcore.worker import Outcome
+    from segcore.trial import Outcome
 
     with caplog.at_level(logging.WARNING, logger="segcore.worker"):
         tell(run.study, trial, Outcome(TrialState.COMPLETE, 0.9))
@@ -191,7 +183,12 @@ def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypat
     keep = {t._trial_id for t in top_trials(run.study, 2)} | {running._trial_id}
     assert set(checkpoints(run.study)) == keep
     files = {p.name for p in (tmp_path / "storage" / "s" / "artifacts").iterdir()}
-    assert files == {artifact for _, artifact in checkpoints(run.study).values()}
+    curves = {
+        m.artifact_id
+        for t in run.study.trials
+        for m in optuna.artifacts.get_all_artifact_meta(t, storage=run.study._storage)
+    }
+    assert files - curves == {artifact for _, artifact in checkpoints(run.study).values()}
     lost = next(t for t in done if t._trial_id not in keep)
     with pytest.raises(UserError, match=f"trial {lost.number}'s checkpoint is not in"):
         load_checkpoint(run.study, lost, run.store, CPU)
@@ -354,3 +351,90 @@ def test_a_stopped_trial_is_retried_and_resumes_where_it_stopped(tmp_path, monke
     never, _ = run.trial(**GOOD)
     assert never.intermediate_values == resumed.intermediate_values  # exactly the same training
     assert never.value == resumed.value
+
+
+def test_costs_curves_and_notes_are_recorded(tmp_path, monkeypatch):
+    """Every trial records what its model costs and its per-epoch curves (user attributes and
+    a curves.csv artifact); export writes notes for the study and every rescored trial."""
+    from optuna_dashboard._note import get_note_from_system_attrs  # how the dashboard reads them
+
+    run = Run(tmp_path, monkeypatch)
+    for lr in (0.05, 0.2):
+        run.trial(patch_size=16, lr=lr)
+    for t in run.study.trials:
+        assert t.user_attrs["params"] > 0 and t.user_attrs["gflop_per_patch"] > 0
+        assert t.user_attrs["infer_ms"] > 0 and t.user_attrs["infer_device"] == "cpu"
+        assert [h["epoch"] for h in t.user_attrs["history"]] == [0, 1]
+        assert t.user_attrs["seconds_per_epoch"] > 0
+        (meta,) = optuna.artifacts.get_all_artifact_meta(t, storage=run.study._storage)
+        assert meta.filename == "curves.csv" and meta.mimetype == "text/csv"
+        text = (tmp_path / "storage" / "s" / "artifacts" / meta.artifact_id).read_text()
+        assert text.splitlines()[0] == "epoch,loss,lr,seconds,patch_miou"
+        assert len(text.splitlines()) == 3 and text.splitlines()[2].startswith("2,")
+    score("s", run.url, progress=False, panels=False)
+    best = json.loads(export("s", run.url).read_text())
+    attrs = run.study._storage.get_study_system_attrs(run.study._study_id)
+    study_note = get_note_from_system_attrs(attrs, None)["body"]
+    assert f"the winner is trial {best['trial']}" in study_note
+    assert "validation full-image mIoU" in study_note and "final --study s" in study_note
+    winner = run.study.trials[best["trial"]]
+    note = get_note_from_system_attrs(attrs, winner._trial_id)["body"]
+    miou = best["validation"]["full_image_miou"]
+    assert f"Validation full-image mIoU **{miou:.4f}**" in note and "(this decided" in note
+    assert "| background | line | ellipse |" in note
+    assert run.study.user_attrs["winner"] == f"trial {best['trial']}"
+    assert f"rescored trial {best['trial']}" in run.study.user_attrs
+
+
+def test_a_model_over_the_limits_is_pruned_before_it_trains(tmp_path, monkeypatch):
+    raw = json.loads(json.dumps(SPACE))
+    raw["search"]["base_width"] = {"type": "categorical", "choices": [2, 8]}
+    raw["fixed"].pop("base_width")
+    raw["study"]["sampler"] = {"name": "tpe"}
+    raw["constraints"] = {"max_params": 500}  # width 2 fits, width 8 does not
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    assert run.study.sampler._constraints_func is not None  # TPE learns where the limit is
+    big, _ = run.trial(patch_size=16, lr=0.05, base_width=8)
+    assert big.state == TrialState.PRUNED and not big.intermediate_values
+    assert big.user_attrs["pruned_reason"].startswith("over the space's limits: params ")
+    assert "above max_params 500" in big.user_attrs["pruned_reason"]
+    small, _ = run.trial(patch_size=16, lr=0.05, base_width=2)
+    assert small.state == TrialState.COMPLETE and small.user_attrs["params"] <= 500
+    assert big.system_attrs["constraints"][0] > 0 >= small.system_attrs["constraints"][0]
+
+
+def test_progress_lines_without_a_terminal_and_a_bar_on_one():
+    import io
+
+    from segcore.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, expect_bar in ((io.StringIO(), False), (Terminal(), True)):
+        shown = Progress(4, "train", "steps", stream=stream)
+        for _ in range(4):
+            shown.update()
+        shown.write("epoch 1/1: done")
+        shown.close()
+        text = stream.getvalue()
+        assert ("\r" in text) == expect_bar, text
+        assert "epoch 1/1: done\n" in text
+    assert "train: 4/4 steps (100%)" in text or expect_bar
+
+
+def test_error_map_and_pareto_front():
+    import numpy as np
+
+    from segcore.pictures import error_map, pareto_front
+
+    shown = np.full((2, 3), 0.5)
+    truth = np.array([[0, 1, 2], [0, 0, 0]])
+    prediction = np.array([[0, 1, 1], [2, 0, 0]])
+    errors = error_map(shown, prediction, truth)
+    assert errors.shape == (2, 3, 3)
+    red = (errors == (1.0, 0.0, 0.0)).all(-1)
+    assert red.tolist() == [[False, False, True], [True, False, False]]
+    points = [(10, 0.90), (5, 0.80), (20, 0.95), (12, 0.85), (5, 0.70), (30, 0.94)]
+    assert pareto_front(points) == [(5, 0.80), (10, 0.90), (20, 0.95)]
