@@ -1,9 +1,14 @@
-"""Benchmark: patches per second of our full training step against the model alone.
+"""Benchmark: the training step against the device's FLOP limit, by layout, and what the data
+pipeline costs.
 
-The full step is what `train` runs: batchgenerators loader + augmentation (strength 0, 0.5, 1;
-in-process or in worker processes) + model + loss + optimizer. The ceiling is the same model and
-optimizer on ready-made tensors; the ratio is what the data pipeline costs. Also the model's FLOPs
-per patch and the achieved FLOP/s against a large matrix product timed on this machine.
+1. The device's limit: the best of several large float32 matrix products, timed in this run.
+2. For the model shapes of the shipped spaces (the CPU recipe, the quick space's corners), the
+   training step (model + loss + optimizer) on ready-made tensors, in the plain (NCHW) and the
+   channels_last layout: patches/s, and achieved FLOP/s as a share of the limit (the model's
+   forward + backward FLOP per patch counted by torch's FlopCounterMode). The layout `train`
+   uses on this device (segcore.device) is marked.
+3. The full step `train` runs for the CPU recipe: batchgenerators loader + augmentation
+   (strength 0, 0.5, 1; in-process or in worker processes) + the step, against (2).
 
     python bench/train.py [--steps 20] [--repeats 3] [--device cpu|cuda] [--processes 0 2 4]
 """
@@ -21,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.config import TrialConfig
-from segcore.device import autocast_for
+from segcore.device import autocast_for, memory_format_for
 from segcore.model import build_model
 from segcore.patches import train_batches
 from segcore.synthetic import synthetic_dataset
@@ -35,19 +40,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_rate(cfg, device, batches, steps: int, repeats: int) -> float:
-    """Median patches per second of full training steps fed by `batches` (an iterator)."""
+def step_rate(cfg, device, batches, steps: int, repeats: int, layout=None) -> float:
+    """Median patches per second of full training steps fed by `batches` (an iterator), in
+    `layout` (default: what `train` uses on this device)."""
     torch.manual_seed(0)
-    model = build_model(cfg.arch, 1, 3, cfg.depth, cfg.base_width, cfg.max_width).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    layout = layout or memory_format_for(device)
+    model = build_model(cfg.arch, 1, 3, cfg.depth, cfg.base_width, cfg.max_width)
+    model = model.to(device, memory_format=layout)
     optimizer = make_optimizer(cfg, model.parameters())
 
     def one_step():
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=layout)
         with autocast_for(device):
             loss = seg_loss(model(x), y, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
@@ -87,18 +92,28 @@ def flops_per_patch(cfg) -> float:
     return counter.get_total_flops() / 2
 
 
-def matmul_flops(device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n float32 matrix product on this device (the practical peak)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    runs = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+def matmul_flops(device, sizes=(1024, 2048, 3072), repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s, n): the best of float32 n x n matrix products on this device, the practical
+    limit a convolution network's training step is measured against."""
+    best = (0.0, 0)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         a @ b
-        sync(device)
-        runs.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(runs)
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, (2 * n**3 / (time.perf_counter() - start), n))
+    return best
+
+
+SHAPES = {  # name: config fields over the CPU recipe's (configs/cpu-shapes.json)
+    "CPU recipe (d4 w16, b16 p64)": {},
+    "quick: d4 w16, b8 p64": {"batch_size": 8},
+    "quick: d3 w8, b8 p48": {"depth": 3, "base_width": 8, "batch_size": 8, "patch_size": 48},
+    "quick: d2 w8, b8 p32": {"depth": 2, "base_width": 8, "batch_size": 8, "patch_size": 32},
+}
 
 
 def main() -> None:
@@ -109,32 +124,44 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = TrialConfig.load(RECIPE)
+    recipe = TrialConfig.load(RECIPE)
+    peak, n = matmul_flops(device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; median of "
+          f"{args.repeats} x {args.steps} steps")  # fmt: skip
+    print(f"  the limit: {peak / 1e9:.1f} GFLOP/s, the best float32 {n}^2 matrix product\n")
+    used = memory_format_for(device)
+    print(f"  {'model, on ready-made tensors':<32}{'layout':<16}{'patches/s':>10}{'GFLOP/s':>9}"
+          f"{'of limit':>9}")  # fmt: skip
+    ceiling = None
+    for name, fields in SHAPES.items():
+        cfg = TrialConfig.from_dict({**recipe.to_dict(), **fields})
+        flops = flops_per_patch(cfg)
+        for layout, label in ((torch.contiguous_format, "NCHW"),
+                              (torch.channels_last, "channels_last")):  # fmt: skip
+            rate = step_rate(cfg, device, ready_made(cfg, device), args.steps, args.repeats,
+                             layout)  # fmt: skip
+            mark = " (train)" if layout == used else ""
+            print(f"  {name:<32}{label + mark:<16}{rate:>10.1f}{flops * rate / 1e9:>9.1f}"
+                  f"{flops * rate / peak:>9.0%}")  # fmt: skip
+            if not fields and layout == used:
+                ceiling = rate
     data = synthetic_dataset(40, seed=3)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"CPU recipe model (depth {cfg.depth}, width {cfg.base_width}), batch {cfg.batch_size} "
-          f"of {cfg.patch_size}x{cfg.patch_size}; median of {args.repeats} x {args.steps} steps")  # fmt: skip
-    ceiling = step_rate(cfg, device, ready_made(cfg, device), args.steps, args.repeats)
-    print(f"\n  {'input pipeline':<40}{'patches/s':>11}{'of ceiling':>12}")
-    print(f"  {'ready-made tensors (ceiling)':<40}{ceiling:>11.1f}{1:>11.0%}")
+    print(f"\n  {'CPU recipe, full step: input pipeline':<48}{'patches/s':>10}{'of step':>9}")
     for strength in (0.0, 0.5, 1.0):
         for processes in args.processes:
             stream = train_batches(
-                data.images, data.masks, patch_size=cfg.patch_size, batch_size=cfg.batch_size,
-                aug_strength=strength, fg_fraction=cfg.fg_fraction, seed=0, processes=processes,
+                data.images, data.masks, patch_size=recipe.patch_size,
+                batch_size=recipe.batch_size, aug_strength=strength,
+                fg_fraction=recipe.fg_fraction, seed=0, processes=processes,
                 pin_memory=device.type == "cuda",
             )  # fmt: skip
             try:
-                rate = step_rate(cfg, device, stream, args.steps, args.repeats)
+                rate = step_rate(recipe, device, stream, args.steps, args.repeats)
             finally:
                 stream.close()
             label = f"strength {strength}, {processes} augmentation processes"
-            print(f"  {label:<40}{rate:>11.1f}{rate / ceiling:>11.0%}")
-    flops = flops_per_patch(cfg)
-    peak = matmul_flops(device)
-    print(f"\n  model: {flops / 1e9:.3f} GFLOP per patch (forward + backward); at the ceiling "
-          f"{flops * ceiling / 1e9:.1f} GFLOP/s = {flops * ceiling / peak:.0%} of a 2048^2 float32 "
-          f"matmul on this device ({peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
+            print(f"  {label:<48}{rate:>10.1f}{rate / ceiling:>9.0%}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from segcore.config import TrialConfig
-from segcore.infer import predict_probs
+from segcore.infer import predict_probs, prepare
 from segcore.model import build_model, count_parameters
 
 LIMITS = {  # the constraints a space may set, and the cost each one bounds
@@ -33,7 +33,7 @@ def measure(
     params = count_parameters(model)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, channels, cfg.patch_size, cfg.patch_size))
-    model = model.to(device).eval()
+    model = prepare(model, device)
     runs = []
     for _ in range(3):
         if device.type == "cuda":

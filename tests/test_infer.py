@@ -40,19 +40,47 @@ def test_every_pixel_covered_and_probabilities_sum_to_one(model):
     assert torch.allclose(probs.sum(0), torch.ones(70, 45), atol=1e-5)
 
 
-def test_matches_monai_sliding_window(model):
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+def test_matches_monai_sliding_window(model, mode):
+    """MONAI's sliding_window_inference is an independent stitcher: with the same tile offsets
+    (96 x 64, tile 32, overlap 0.5: 0, 16, ...) both give the same probabilities, with uniform
+    and with Gaussian tile weights (sigma = tile / 8)."""
     from monai.inferers import sliding_window_inference
 
-    # 96 x 64 with tile 32 and overlap 0.5: MONAI's offsets (0, 16, ...) equal ours
     image = np.random.RandomState(1).randn(96, 64, 1).astype(np.float32)
     assert tile_starts(96, 32, 0.5) == list(range(0, 65, 16))
-    ours = predict_probs(model, image, tile=32, overlap=0.5, batch=7)
+    ours = predict_probs(model, image, tile=32, overlap=0.5, batch=7, gaussian=mode == "gaussian")
     x = torch.from_numpy(image.transpose(2, 0, 1))[None]
     with torch.no_grad():
         theirs = sliding_window_inference(
-            x, (32, 32), 4, lambda t: torch.softmax(model(t), 1), overlap=0.5, mode="constant"
-        )[0]
-    assert torch.allclose(ours, theirs, atol=1e-5)
+            x, (32, 32), 4, lambda t: torch.softmax(model(t), 1), overlap=0.5, mode=mode,
+            sigma_scale=0.125,
+        )[0]  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_prepared_model_gives_the_plain_models_outputs():
+    """Batch norm folded into the convolutions, in the inference layout: within 1e-4 of the
+    plain model in eval mode, with batch norm statistics far from the identity."""
+    from segcore.infer import prepare
+
+    torch.manual_seed(4)
+    plain = build_model("unet", 1, 3, depth=3, base_width=8, max_width=32)
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.3, 3)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    plain.eval()
+    ready = prepare(plain, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ready.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())  # a copy
+    image = np.random.RandomState(5).randn(80, 72, 1).astype(np.float32)
+    for kwargs in ({}, {"gaussian": True, "tta": True}):
+        a = predict_probs(plain, image, tile=32, **kwargs)
+        b = predict_probs(ready, image, tile=32, **kwargs)
+        assert (a - b).abs().max() < 1e-4
 
 
 def test_gaussian_tta_and_small_image(model):
