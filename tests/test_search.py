@@ -58,9 +58,11 @@ def check_checkpoints(searched, name, url):
     live = {meta["artifact_id"]: number_of[trial_id] for trial_id, _, meta in listed(study)
             if meta["filename"] == "checkpoint.pt"}  # fmt: skip
     files = {f.name for f in (searched / "storage" / name / "artifacts").iterdir()}
-    checkpoints = files - {a for _, _, m in listed(study) for a in [m["artifact_id"]]
-                           if m["filename"] != "checkpoint.pt"}  # fmt: skip
-    assert checkpoints == set(live) and set(live.values()) == top, (live, top)
+    others = {m["artifact_id"] for _, _, m in listed(study) if m["filename"] != "checkpoint.pt"}
+    curves = {m.artifact_id for t in study.trials  # every trial's curves.csv, never removed
+              for m in optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}  # fmt: skip
+    assert files - others - curves == set(live) and set(live.values()) == top, (live, top)
+    assert not [m for _, _, m in listed(study) if m["filename"] == "resume.pt"]  # all dropped
 
 
 def test_scores_best_json_and_best_pt(searched):
