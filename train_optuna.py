@@ -178,12 +178,13 @@ def cmd_predict(args) -> int:
 
     from segcore.data import colorize
     from segcore.files import atomic_write, check_output
-    from segcore.infer import predict_probs
+    from segcore.infer import predict_probs, prepare
     from segcore.pictures import prediction_panel
     from segcore.progress import progress
 
     check_output(args.out, "--out", folder=True)
     model, meta, dataset = _model_and_data(args, args.images)
+    model = prepare(model, next(model.parameters()).device)
     cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
     out = Path(args.out)
     n = len(dataset.images)

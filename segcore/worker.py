@@ -1,9 +1,9 @@
 """The worker loop: take a trial slot (budget check and ask, under the lock), train, tell; repeat.
 
-One place takes and releases the slot lock (take_slot), one place turns training's end into a
-trial state (run_trial), and the loop alone handles interrupts, the time limit and giving up on
-a space where nothing trains. A trial stopped before its end is retried and resumes from its
-last saved epoch (segcore.resume). The training loop itself knows nothing of optuna.
+One place takes and releases the slot lock (take_slot), one runs a taken trial to its outcome
+(work: segcore.trial does the training), one tells it (tell: with a retry when it was stopped),
+and the loop alone handles interrupts, the time limit and giving up on a space where nothing
+trains. The training loop itself knows nothing of optuna.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ GIVE_UP_AFTER = 10  # trials of one worker failing in a row (diverged, out of me
 GAVE_UP = 3  # the worker's exit status then; the launcher does not restart it
 SLOTS = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 DONE, WAIT, LATE = "done", "wait", "late"  # take_slot's answers other than a trial
+DEADLINE_ENV = "TRAIN_OPTUNA_DEADLINE"  # a search's deadline (time.time()), for its workers
 # study.ask warns that heartbeats are meant for study.optimize: `heartbeat` below records them
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
@@ -110,8 +111,8 @@ def run_worker(
     study, space = load_study(name, storage, seed)
     interrupts = Interrupts()
     deadline = None if timeout is None else time.time() + timeout
-    if os.environ.get("TRAIN_OPTUNA_DEADLINE"):  # a search's worker: the search's deadline
-        deadline = float(os.environ["TRAIN_OPTUNA_DEADLINE"])
+    if os.environ.get(DEADLINE_ENV):  # a search's worker: the search's deadline, not its own
+        deadline = float(os.environ[DEADLINE_ENV])
     ctx = Context(study, space, study_splits(study, space), open_store(name), interrupts,
                   pick_device(device), deadline)  # fmt: skip
     signal.signal(signal.SIGINT, interrupts)

@@ -19,7 +19,7 @@ from segcore.errors import UserError
 from segcore.resume import retry
 from segcore.storage import STORAGE_ENV, open_storage
 from segcore.study import budget, counts
-from segcore.worker import GAVE_UP, GIVE_UP_AFTER
+from segcore.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
 ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
@@ -46,7 +46,6 @@ def parse_gpus(spec: str) -> list[int]:
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PARENT_ENV = "TRAIN_OPTUNA_LAUNCHER"  # the launcher's pid, set only for the workers it starts
-DEADLINE_ENV = "TRAIN_OPTUNA_DEADLINE"  # the search's deadline (time.time()), for its workers
 
 
 def die_with_launcher() -> None:

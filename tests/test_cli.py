@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+# real processes: `pytest -m "not slow"` skips them; one xdist worker runs the module, so
+# its session fixture (a search or a trained model) is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_size": 4,

@@ -166,15 +166,16 @@ def alive(pid: int) -> bool:
 
 def test_timeout_stops_starting_trials_and_still_hands_over(workdir):
     """--timeout: no trial starts after it (running ones stop at an epoch's end: see
-    tests/test_study_side.py), and the search still rescores, fits and exports."""
+    tests/test_study_side.py), and the search still rescores and exports (the final fit is
+    the same as without a time limit; --no-final keeps this test short)."""
     cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d", "--quiet",
         "--workers", 1, "--n-trials", 2, "--no-rescore")  # fmt: skip
     out = cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d",
-              "--quiet", "--workers", 1, "--n-trials", 24, "--timeout", 1)  # fmt: skip
+              "--quiet", "--workers", 1, "--n-trials", 24, "--timeout", 1, "--no-final")  # fmt: skip
     trials = trials_via_optuna_cli(workdir, "late")
     assert len(trials) == 2 and "time limit reached: 2 of 24 trials" in out.stderr, out.stderr
     best = json.loads((workdir / "reports" / "late" / "best.json").read_text())
-    assert best["test"]["images"] == 1 and "best model: reports/late/best.pt" in out.stdout
+    assert best["trial"] in (0, 1) and "best config: reports/late/best.json" in out.stdout
 
 
 def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage):

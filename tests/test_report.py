@@ -12,7 +12,9 @@ import pytest
 from helpers import Dashboard, cli, tiny_space, trials_via_optuna_cli
 from PIL import Image
 
-pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+# real processes: `pytest -m "not slow"` skips them; one xdist worker runs the module, so
+# its session fixture (a search or a trained model) is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -145,7 +147,7 @@ def test_a_search_under_an_inference_time_limit_hands_over_a_model_that_meets_it
     from segcore.costs import measure
     from segcore.data import load_folder
 
-    cli(tmp_path, "data", "--out", "d", "--n", 6, "--height", 96, "--width", 96)
+    cli(tmp_path, "data", "--out", "d", "--n", 6, "--height", 64, "--width", 64)
     image = load_folder(tmp_path / "d").images[0]
     cfg = {"depth": 2, "patch_size": 32, "tta": True}
     ms = [measure(TrialConfig(**cfg, base_width=w, max_width=64), 1, 3, image,
@@ -162,7 +164,8 @@ constraints: {{max_infer_ms: {limit:.3f}}}
 study: {{n_trials: 4, sampler: {{name: random}}, pruner: {{name: none}}, top_k: 2,
         warm_start: true}}
 """)  # warm start: base_width 16 is not offered, so its first choice, 2: one feasible trial
-    cli(tmp_path, "search", "--space", "space.yaml", "--study", "c", "--data", "d", "--quiet")
+    cli(tmp_path, "search", "--space", "space.yaml", "--study", "c", "--data", "d", "--quiet",
+        "--no-final")  # fmt: skip
     trials = trials_via_optuna_cli(tmp_path, "c")
     best = json.loads((tmp_path / "reports" / "c" / "best.json").read_text())
     assert best["config"]["base_width"] == 2

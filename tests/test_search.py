@@ -13,7 +13,9 @@ from helpers import Dashboard, cli, states, tiny_space, trials_via_optuna_cli
 
 from segcore.artifacts import listed
 
-pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
+# real processes: `pytest -m "not slow"` skips them; one xdist worker runs the module, so
+# its session fixture (a search or a trained model) is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("search")]
 
 
 @pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
