@@ -1,14 +1,19 @@
-"""Benchmark: search efficiency. Pruning against no pruning on the same budget, and the time to
+"""Benchmark: search efficiency. Pruners against no pruning on the same budget, and the time to
 reach a target full-image mIoU with TPE against random sampling, over a few seeds.
 
 Every study runs the product's own path (create_study, the worker launcher, stitched rescoring)
-on the quick space's data (synthetic, seed 0), in a temporary folder. Part 1 runs the space as it
-is and with `pruner: none`; part 2 runs it without the warm-start trial (which would reach any
-target in trial 0 for both) with sampler tpe and random, for each seed, rescoring every completed
-trial on whole images so that the moment each sampler first finished a trial at the target is
-known. Wall times are only comparable within one run.
+on the quick space's data (synthetic, seed 0, or --data), in a temporary folder, without the
+warm-start trial (a warm start that wins would decide "the same winner" by itself). Part 1 runs,
+for each seed, the space's pruner, any --pruner given, and `pruner: none`, and compares the
+epochs trained and the winner's test mIoU: the winner (best validation full-image mIoU of the
+rescored top K) is trained once more (`--final-budget trial`: with its trial's own settings;
+`space`: with the space's final: section) on the study's split and scored on its test images;
+the same winning config is fitted once. Part 2 runs TPE and random sampling, rescoring every
+completed trial, so that the moment each sampler first finished a trial at a target is known.
+Wall times are only comparable within one run.
 
     python bench/search.py [--space search_spaces/quick.yaml] [--n-trials 24] [--seeds 0 1 2]
+                           [--pruner '{name: median, args: {...}}' ...] [--final-budget trial]
                            [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning] [--skip-samplers]
 """
 
@@ -30,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, rescore_all: bool):
+def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, rescore_all: bool,
+              data: str | None = None):  # fmt: skip
     """One search to its budget; returns its figures."""
     import optuna
 
@@ -48,7 +54,7 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
         Path("storage").mkdir()
         url = storage_url(name, None)
         space = parse_space(raw, f"{name}.yaml")
-        create_study(name, url, space, None, n_trials)
+        create_study(name, url, space, data, n_trials)
         started = time.perf_counter()
         Launcher(name, url, workers, parse_gpus("all"), quiet=True, seed=seed).run()
         wall = time.perf_counter() - started
@@ -57,6 +63,7 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         top_k = len(done) if rescore_all else space.top_k
         scores = score(name, url, top_k=top_k, progress=False, panels=False)
+    winner = max(scores, key=lambda n: (scores[n]["miou"], -int(n)))
     t0 = min(t.datetime_start for t in trials)
     finished = {str(t.number): (t.datetime_complete - t0).total_seconds() for t in done}
     return {
@@ -68,7 +75,29 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
         "best_patch": max(t.value for t in done),
         "best_full": max(s["miou"] for s in scores.values()),
         "full_at": {n: (finished[n], s["miou"]) for n, s in scores.items()},
+        "winner": trials[int(winner)].user_attrs["config"],
     }
+
+
+def test_miou(config: dict, raw: dict, data: str | None, budget: str, cache: dict) -> float:
+    """Test mIoU of `config` trained on its study's split (the final fit's path), once per
+    config: two searches that pick the same winner hand over the same model."""
+    from segcore.config import TrialConfig
+    from segcore.device import pick_device
+    from segcore.fit import fit
+    from segcore.space import final_config, parse_space
+    from segcore.study import load_splits
+
+    space = parse_space(raw, "bench")
+    cfg = TrialConfig.from_dict(config)
+    cfg = final_config(cfg, space) if budget == "space" else cfg
+    key = repr(sorted(cfg.to_dict().items()))
+    if key not in cache:
+        with tempfile.TemporaryDirectory() as tmp:
+            done = fit(cfg, load_splits(data, None, space), Path(tmp) / "m.pt", sources={},
+                       device=pick_device(), progress=False)  # fmt: skip
+        cache[key] = done["test"]["miou"]
+    return cache[key]
 
 
 def time_to(target: float, full_at: dict) -> float:
@@ -78,24 +107,38 @@ def time_to(target: float, full_at: dict) -> float:
 
 
 def pruning(raw: dict, args) -> None:
-    runs = {}
-    for label, pruner in (("pruner " + raw["study"]["pruner"]["name"], raw["study"]["pruner"]),
-                          ("no pruner", {"name": "none"})):  # fmt: skip
-        variant = {**raw, "study": {**raw["study"], "pruner": pruner}}
-        runs[label] = run_study(variant, "prune", args.n_trials, args.workers, 0, False)
-        print(f"  finished {label}: {runs[label]['wall']:.0f} s", file=sys.stderr)
-    ref = runs["no pruner"]
-    study = raw["study"]
+    variants = {f"{raw['study']['pruner']['name']} (the space's)": raw["study"]["pruner"]}
+    for spec in args.pruner:
+        variants[f"{spec['name']} {spec.get('args', {})}"] = spec
+    variants["none"] = {"name": "none"}
+    base = {k: v for k, v in raw["study"].items() if k != "warm_start"}
+    runs: dict[str, list[dict]] = {label: [] for label in variants}
+    fitted: dict = {}
+    for seed in args.seeds:
+        for label, pruner in variants.items():
+            variant = {**raw, "study": {**base, "pruner": pruner, "warm_start": False}}
+            r = run_study(variant, "prune", args.n_trials, args.workers, seed, False, args.data)
+            r["test"] = test_miou(r["winner"], raw, args.data, args.final_budget, fitted)
+            runs[label].append(r)
+            print(f"  finished {label}, seed {seed}: {r['wall']:.0f} s, {r['epochs']} epochs, "
+                  f"winner's test mIoU {r['test']:.4f}", file=sys.stderr)  # fmt: skip
+    none = runs["none"]
     print(f"\nPruning, {args.n_trials} trials, {args.workers} workers, sampler "
-          f"{study['sampler']['name']}, warm start {study.get('warm_start', False)}")  # fmt: skip
-    print(f"  {'':<18}{'complete/pruned':>16}{'epochs':>8}{'of none':>9}{'wall s':>8}{'of none':>9}"
-          f"{'best patch':>12}{'best full':>11}")  # fmt: skip
-    for label, r in runs.items():
-        s = r["states"]
-        print(f"  {label:<18}{s['COMPLETE']:>8}/{s['PRUNED']:<7}{r['epochs']:>8}"
-              f"{r['epochs'] / ref['epochs']:>8.2f}x"
-              f"{r['wall']:>8.0f}{r['wall'] / ref['wall']:>8.2f}x"
-              f"{r['best_patch']:>12.4f}{r['best_full']:>11.4f}")  # fmt: skip
+          f"{raw['study']['sampler']['name']}, no warm start, seeds "
+          f"{' '.join(map(str, args.seeds))}; winner's test mIoU after a fit at the "
+          f"{args.final_budget} budget")  # fmt: skip
+    print(f"  {'pruner':<44}{'seed':>5}{'complete/pruned':>16}{'epochs':>7}{'of none':>8}"
+          f"{'wall s':>7}{'test mIoU':>10}{'- none':>8}")  # fmt: skip
+    for label, rs in runs.items():
+        for seed, r, n in zip(args.seeds, rs, none):
+            st = r["states"]
+            print(f"  {label:<44}{seed:>5}{st['COMPLETE']:>9}/{st['PRUNED']:<6}{r['epochs']:>7}"
+                  f"{r['epochs'] / n['epochs']:>7.2f}x{r['wall']:>7.0f}{r['test']:>10.4f}"
+                  f"{r['test'] - n['test']:>+8.4f}")  # fmt: skip
+        ratio = statistics.median(r["epochs"] / n["epochs"] for r, n in zip(rs, none))
+        gap = statistics.median(r["test"] - n["test"] for r, n in zip(rs, none))
+        print(f"  {label:<44} median: {ratio:.2f}x the epochs of no pruner, winner's test mIoU "
+              f"{gap:+.4f} against no pruner")  # fmt: skip
 
 
 def samplers(raw: dict, args) -> None:
@@ -105,7 +148,8 @@ def samplers(raw: dict, args) -> None:
         for name, runs in results.items():
             sampler = raw["study"]["sampler"] if name == "tpe" else {"name": "random"}
             variant = {**raw, "study": {**base, "sampler": sampler, "warm_start": False}}
-            r = run_study(variant, f"{name}{seed}", args.n_trials, args.workers, seed, True)
+            r = run_study(variant, f"{name}{seed}", args.n_trials, args.workers, seed, True,
+                          args.data)  # fmt: skip
             runs.append(r)
             print(f"  finished {name} seed {seed}: {r['wall']:.0f} s, best full-image "
                   f"{r['best_full']:.4f}", file=sys.stderr)  # fmt: skip
@@ -140,9 +184,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.96, 0.97])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pruner", type=yaml.safe_load, action="append", default=[],
+                        help="another pruner to compare, in the space file's form")  # fmt: skip
+    parser.add_argument("--final-budget", choices=("trial", "space"), default="trial")
+    parser.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
     parser.add_argument("--skip-pruning", action="store_true")
     parser.add_argument("--skip-samplers", action="store_true")
     args = parser.parse_args()
+    args.data = str(Path(args.data).resolve()) if args.data else None  # studies run elsewhere
     warnings.filterwarnings("ignore")
     import optuna
     import torch

@@ -27,7 +27,7 @@ def test_on_epoch_history_and_best_weights(data):
     seen = []
     result = train(cfg, *data, on_epoch=lambda e, m: seen.append((e, m)), progress=False)
     assert [e for e, _ in seen] == [0, 1, 2]
-    assert all(0 <= m <= 1 for _, m in seen)
+    assert len({m for _, m in seen}) > 1  # a real measurement each epoch, not a constant
     assert [h["patch_miou"] for h in result.history] == [m for _, m in seen]
     assert result.best_patch_miou == max(m for _, m in seen)
     assert seen[result.best_epoch][1] == result.best_patch_miou
