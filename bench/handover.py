@@ -7,12 +7,14 @@ prints them side by side with their wall times. Everything lands under --out.
 
     python bench/handover.py --data ../shared/datasets/shapes [--space search_spaces/quick.yaml]
                              [--out runs/handover] [--skip-recipe] [--skip-search]
+                             [--search-args "--gpus all --workers-per-gpu 2"]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "cpu-shapes.json"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "handover"))
     parser.add_argument("--study", default="handover")
+    parser.add_argument("--search-args", default="", help="more options for search, one string")
     parser.add_argument("--skip-search", action="store_true", help="reuse the finished study")
     parser.add_argument("--skip-recipe", action="store_true", help="reuse recipe.pt")
     args = parser.parse_args()
@@ -56,7 +59,8 @@ def main() -> None:
     walls = {}
     if not args.skip_search:
         walls["search"] = timed(["search", "--space", str(Path(args.space).resolve()), "--study",
-                                 args.study, "--data", data], out, out / "search.log")  # fmt: skip
+                                 args.study, "--data", data, *shlex.split(args.search_args)],
+                                out, out / "search.log")  # fmt: skip
     best_pt = out / "reports" / args.study / "best.pt"
     best = json.loads((out / "reports" / args.study / "best.json").read_text())
     recipe = json.loads(Path(args.recipe).read_text())

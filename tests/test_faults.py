@@ -1,4 +1,4 @@
-"""Faults, with real processes on real storage: killed and interrupted workers, sixteen workers on
+"""Faults, with real processes on real storage: killed and interrupted workers, eight workers on
 one database while the dashboard reads it, diverging and out-of-memory trials, crashes in the
 middle of a write, and a storage folder that cannot be written. The runs marked `storage` repeat
 on PostgreSQL (see conftest.py)."""
@@ -83,7 +83,7 @@ def wait_running(workdir, study, url, enough, timeout=90):
 
 def test_killed_worker_trial_is_retried_and_resumes_from_its_saved_epoch(workdir, storage):
     study = f"k-{'pg' if storage else 'sqlite'}"
-    proc = search_process(workdir, "slow.yaml", study, storage, "--n-trials", 4, heartbeat="1,4")
+    proc = search_process(workdir, "slow.yaml", study, storage, "--n-trials", 3, heartbeat="1,4")
     running = wait_running(
         workdir, study, storage,
         lambda ts: any("pid" in t.user_attrs and len(t.intermediate_values) >= 2 for t in ts),
@@ -103,13 +103,14 @@ def test_killed_worker_trial_is_retried_and_resumes_from_its_saved_epoch(workdir
     assert resumed["trial"] == victim.number and resumed["epoch"] >= 1, resumed
     assert retried[0]["state"] in ("COMPLETE", "PRUNED")
     counts = states(trials)
-    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 4 and "RUNNING" not in counts
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 3 and "RUNNING" not in counts
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig):
     """Ctrl-C (or SIGTERM) to `search`: every worker stops its trial after saving, nothing is
-    left RUNNING; the same command again resumes those trials instead of sampling new ones."""
+    left RUNNING; the same command again resumes those trials instead of sampling new ones
+    (checked after SIGTERM, SLURM's preemption signal)."""
     study = f"i{int(sig)}"
     proc = search_process(workdir, "long.yaml", study, None, "--workers", 2, "--n-trials", 2)
     running = wait_running(
@@ -127,6 +128,8 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
     assert "RUNNING" not in states(trials)
     reasons = {t["user_attrs"].get("fail_reason") for t in trials if t["state"] == "FAIL"}
     assert reasons == {INTERRUPTED}, (trials, err)
+    if sig == signal.SIGINT:  # the resume is the same after either signal: once is enough
+        return
     stopped = {t["number"]: t["params"] for t in trials if t["state"] == "FAIL"}
     cli(workdir, "search", "--space", "long.yaml", "--study", study, "--data", "d", "--quiet",
         "--no-rescore")  # fmt: skip
@@ -178,21 +181,21 @@ def test_timeout_stops_starting_trials_and_still_hands_over(workdir):
     assert best["trial"] in (0, 1) and "best config: reports/late/best.json" in out.stdout
 
 
-def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage):
-    study = f"w16-{'pg' if storage else 'sqlite'}"
+def test_eight_workers_one_database_while_the_dashboard_reads(workdir, storage):
+    """Eight workers (the slot lock's contention; 16 took 2 minutes a storage on 2 cores) share
+    one database for 16 trials while a dashboard polls it ten times a second."""
+    study = f"w8-{'pg' if storage else 'sqlite'}"
     url = storage or f"sqlite:///{workdir}/storage/{study}.db"
     (workdir / "storage").mkdir(exist_ok=True)
     # the study first, then the dashboard on it, then `search` resumes it: the dashboard reads
     # from before the first trial to after the last, however slow the machine
-    create_study(
-        study, url, load_space(workdir / "short.yaml"), str((workdir / "d").resolve()), None
-    )
+    create_study(study, url, load_space(workdir / "short.yaml"), str((workdir / "d").resolve()), 16)
     dash = Dashboard(workdir, study, storage)
     finished_seen = []  # finished trials in each read made while the search ran
     try:
         study_id = next(s["study_id"] for s in dash.get("/api/studies")["study_summaries"]
                         if s["study_name"] == study)  # fmt: skip
-        proc = search_process(workdir, "short.yaml", study, storage, "--workers", 16)
+        proc = search_process(workdir, "short.yaml", study, storage, "--workers", 8)
         while proc.poll() is None:  # a reader polling 10 times a second, as a busy dashboard
             seen = dash.get(f"/api/studies/{study_id}?after=0")["trials"]
             finished_seen.append(sum(t["state"] in ("Complete", "Pruned") for t in seen))
@@ -204,12 +207,12 @@ def test_sixteen_workers_one_database_while_the_dashboard_reads(workdir, storage
     assert code == 0 and finished_seen[0] == 0, (finished_seen[:3], log[-2000:])
     trials = trials_via_optuna_cli(workdir, study, storage)
     counts = states(trials)
-    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 24 and "RUNNING" not in counts
-    assert "FAIL" not in counts, counts  # 16 workers, yet not one trial started over the budget
+    assert counts.get("COMPLETE", 0) + counts.get("PRUNED", 0) == 16 and "RUNNING" not in counts
+    assert "FAIL" not in counts, counts  # 8 workers, yet not one trial started over the budget
     assert sorted(t["number"] for t in trials) == list(range(len(trials)))  # none lost
-    assert len(list((workdir / "storage" / study).glob("worker-*.log"))) == 16
+    assert len(list((workdir / "storage" / study).glob("worker-*.log"))) == 8
     pids = {t["user_attrs"]["pid"] for t in trials}
-    assert len(pids) >= 8, pids  # many workers shared the database (a late one may find none)
+    assert len(pids) >= 4, pids  # many workers shared the database (a late one may find none)
     for t in optuna.load_study(study_name=study, storage=storage or f"sqlite:///{workdir}/storage/"
                                f"{study}.db").trials:  # fmt: skip
         assert len(t.intermediate_values) == t.user_attrs["epochs_run"] > 0, t  # every report

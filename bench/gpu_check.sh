@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The CUDA path and GPU throughput in one short run (docs/benchmarks.md, "GPU"): the training
+# step by layout and the loader with augmentation processes (bench/train.py), stitched inference
+# against MONAI (bench/infer.py), then the handover on `shapes` as a user runs it on a GPU: a
+# search with two workers on one GPU (bf16 autocast, channels_last, pinned memory, augmentation
+# processes), rescoring, the final fit, the recipe trained on the same split, both scored on the
+# test images by `evaluate` on CUDA, and `predict` on CUDA. Everything is logged under $OUT.
+#
+#     OUT=/tmp/gpu bash bench/gpu_check.sh [DATA_DIR]
+#
+# On a machine without our packages, wheels in .whl/ are installed to /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+DATA=$(realpath "${1:-../shared/datasets/shapes}")
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, optuna; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'optuna', optuna.__version__)"
+nproc
+echo "== bench/train.py"
+timeout 150 python3 bench/train.py --device cuda --steps 30 --repeats 3 --processes 0 4 2>&1 \
+    | tee "$OUT/train.txt"
+echo "== bench/infer.py"
+timeout 90 python3 bench/infer.py --device cuda 2>&1 | tee "$OUT/infer.txt"
+echo "== bench/handover.py (GPU)"
+start=$(date +%s)
+timeout 330 python3 bench/handover.py --data "$DATA" --out "$OUT/handover" \
+    --search-args "--gpus all --workers-per-gpu 2" 2>&1 | tee "$OUT/handover.txt"
+echo "handover wall: $(( $(date +%s) - start )) s"
+tail -25 "$OUT/handover/search.log"
+echo "== predict on CUDA"
+timeout 60 python3 train_optuna.py predict --model "$OUT/handover/reports/handover/best.pt" \
+    --images "$DATA/images" --out "$OUT/predictions" --device cuda 2>&1 | tail -3
+ls "$OUT/predictions" | wc -l
+rm -rf "$OUT/predictions" "$OUT/handover/storage"
