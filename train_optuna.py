@@ -68,10 +68,11 @@ def cmd_train(args) -> int:
     import torch
 
     from segcore.config import TrialConfig, read_record
-    from segcore.data import check_test_data, load_folder, split_dataset
+    from segcore.data import load_folder
     from segcore.device import pick_device
     from segcore.files import check_output
     from segcore.fit import fit
+    from segcore.split import check_test_data, split_dataset
 
     cfg = TrialConfig.load(args.config)
     if args.epochs is not None:

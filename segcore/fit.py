@@ -12,10 +12,10 @@ from typing import Any
 import torch
 
 from segcore.config import TrialConfig
-from segcore.data import Splits
 from segcore.files import save_model
 from segcore.infer import evaluate
 from segcore.model import build_model
+from segcore.split import Splits
 from segcore.train import train
 
 

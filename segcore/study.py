@@ -14,10 +14,11 @@ import optuna
 from optuna.trial import TrialState
 
 from segcore.config import TrialConfig
-from segcore.data import Splits, check_test_data, dataset_from, load_folder, split_dataset
+from segcore.data import dataset_from, load_folder
 from segcore.errors import UserError
 from segcore.samplers import build_pruner, build_sampler
 from segcore.space import Space, parse_space
+from segcore.split import Splits, check_test_data, split_dataset
 from segcore.storage import SlotLock, open_storage
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")

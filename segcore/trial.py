@@ -25,10 +25,10 @@ from optuna.trial import TrialState
 
 from segcore.checkpoints import store_checkpoint, would_be_top
 from segcore.costs import measure, violations
-from segcore.data import Splits
 from segcore.errors import DivergedError, is_out_of_memory
 from segcore.resume import Saver, find_state
 from segcore.space import Space, suggest
+from segcore.split import Splits
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcore.data import colorize, load_folder, load_images, split
+from segcore.data import colorize, load_folder, load_images
 from segcore.errors import UserError
+from segcore.split import split
 from segcore.synthetic import ellipse_mask, synthetic_arrays, write_synthetic
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
