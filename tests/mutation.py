@@ -63,14 +63,15 @@ def report() -> int:
             else:
                 count["other"] += 1  # not checked, suspicious, skipped
         judged = count["killed"] + count["survived"]
-        score = count["killed"] / judged if judged else 1.0
-        worst = min(worst, score)
+        score = count["killed"] / judged if judged else None  # none run yet: no score
+        worst = min(worst, score if score is not None else 0.0)
         rows.append((module, len(codes), count, score))
     print("| module | mutants | killed | survived | equivalent | not judged | score |")
     print("|---|---|---|---|---|---|---|")
     for module, total, c, score in rows:
         print(f"| segcore/{module} | {total} | {c['killed']} | {c['survived']} | "
-              f"{c['equivalent']} | {c['other']} | {score:.0%} |")  # fmt: skip
+              f"{c['equivalent']} | {c['other']} | "
+              f"{'-' if score is None else format(score, '.0%')} |")  # fmt: skip
     if survivors:
         print("\nsurvivors (not listed as equivalent):")
         for name in survivors:

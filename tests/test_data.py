@@ -202,3 +202,16 @@ def test_write_synthetic_then_load(tmp_path):
     assert np.array_equal(ds.masks[0], synthetic_arrays(1, seed=2)[0][1])
     with pytest.raises(UserError, match="not empty"):
         write_synthetic(tmp_path / "syn", 3, seed=2)
+
+
+def test_join_keeps_every_image_with_its_mask_and_name():
+    """train + validation for the final fit: both sets' images, masks and names, in order."""
+    from segcore.data import Dataset
+
+    a = Dataset([np.zeros((2, 2, 1))], [np.zeros((2, 2), int)], ["a"], ["bg", "fg"], [(0, 0, 0)])
+    b = Dataset([np.ones((2, 2, 1))], [np.ones((2, 2), int)], ["b"], ["bg", "fg"], [(0, 0, 0)])
+    both = a.join(b)
+    assert both.names == ["a", "b"] and both.classes == ["bg", "fg"]
+    assert [m.max() for m in both.masks] == [0, 1] and [i.max() for i in both.images] == [0, 1]
+    unlabelled = Dataset([np.ones((2, 2, 1))], None, ["c"], ["bg", "fg"], [(0, 0, 0)])
+    assert a.join(unlabelled).masks is None and len(a.join(unlabelled).images) == 2

@@ -95,3 +95,35 @@ def test_tta_is_flip_equivariant(model):
     a = predict_probs(model, image, tile=32, tta=True)
     b = predict_probs(model, np.ascontiguousarray(image[::-1]), tile=32, tta=True)
     assert torch.allclose(a, b.flip(1), atol=1e-5)
+
+
+def test_evaluate_scores_with_the_configs_stitching(model):
+    """Full-image scoring (rescoring, the final fit, `evaluate`) stitches as the config says:
+    its tile size, overlap, Gaussian weights and TTA reach predict_probs, and its mIoU and
+    per-class IoU are those of the argmax of exactly those probabilities (counted here)."""
+    from segcore.config import TrialConfig
+    from segcore.data import Dataset
+    from segcore.infer import evaluate, prepare
+
+    rng = np.random.RandomState(3)
+    images = [rng.randn(48, 40, 1).astype(np.float32) for _ in range(2)]
+    masks = [rng.randint(0, 3, (48, 40)) for _ in range(2)]
+    data = Dataset(images, masks, ["a", "b"], ["bg", "line", "ellipse"], [(0, 0, 0)] * 3)
+    cfg = TrialConfig(patch_size=32, tile_size=16, tile_overlap=0.25, gaussian=True, tta=True)
+    seen = {}
+    out = evaluate(model, data, cfg, on_image=lambda i, p: seen.__setitem__(i, p))
+    ready = prepare(model, torch.device("cpu"))
+    inter, union = np.zeros(3), np.zeros(3)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        expected = predict_probs(ready, image, tile=16, overlap=0.25, gaussian=True, tta=True)
+        assert torch.allclose(seen[i], expected, atol=1e-6), i  # same stitching settings
+        for other in ({"gaussian": False}, {"tta": False}, {"overlap": 0.5}, {"tile": 32}):
+            settings = {"tile": 16, "overlap": 0.25, "gaussian": True, "tta": True, **other}
+            assert not torch.allclose(seen[i], predict_probs(ready, image, **settings)), other
+        pred = expected.argmax(0).numpy()
+        for c in range(3):
+            inter[c] += ((pred == c) & (mask == c)).sum()
+            union[c] += ((pred == c) | (mask == c)).sum()
+    iou = inter / union
+    assert out["images"] == 2 and out["miou"] == pytest.approx(iou.mean(), abs=1e-12)
+    assert out["per_class"] == pytest.approx(dict(zip(["bg", "line", "ellipse"], iou)))
