@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from segcore.metrics import confusion_matrix, iou_per_class, mean_iou
 
@@ -41,3 +42,11 @@ def test_accumulates_over_all_pixels_not_per_image_mean():
     # class 0: tp 3, fp 0, fn 1 -> 3/4; class 1: tp 2, fp 1 -> 2/3
     assert math.isclose(mean_iou(total), (3 / 4 + 2 / 3) / 2)
     assert not math.isclose(mean_iou(total), (mean_iou(a) + mean_iou(b)) / 2)
+
+
+def test_no_pixels_of_any_class_is_nan_and_mismatched_sizes_are_refused():
+    """An empty confusion matrix has no IoU (nan, not 0 or an error); a prediction and a truth
+    of different sizes are refused, naming both pixel counts."""
+    assert math.isnan(mean_iou(np.zeros((3, 3), np.int64)))
+    with pytest.raises(ValueError, match="^prediction has 4 pixels, truth 6$"):
+        confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 3)
