@@ -95,7 +95,7 @@ def methods(model, ready, other, device):
 
     @torch.inference_mode()
     def forward_only(image):  # the same model, tiles and batches; no cropping or stitching
-        layout = memory_format_for(device, training=False)
+        layout = memory_format_for(device)
         tiles = tiles_of(as_tensor(image)).contiguous(memory_format=layout)
         batch = tile_batch(ready, TILE, device)
         with autocast_for(device):

@@ -36,22 +36,16 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
-# channels_last on the CPU, for training and for inference: measured faster on this project's
-# CPU machine (docs/benchmarks.md: bench/infer.py 1.17-1.29x for stitched inference; bench/train.py
-# 1.07-1.34x for the CPU recipe's training step, even for the quick space's smaller models). On
-# CUDA it lets cuDNN pick its fastest kernels, always. bf16 stays CUDA-only: the machine here has
-# no bf16 instructions (AVX2), where bf16 autocast made a training step 4-14 times slower.
-CPU_CHANNELS_LAST = {"training": True, "inference": True}
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """The memory layout of a model and its inputs on `device`, for training and inference alike:
+    channels_last everywhere. On CUDA it lets cuDNN pick its fastest kernels; on this project's
+    CPU machine it measured faster too (docs/benchmarks.md: bench/infer.py 1.15-1.29x for stitched
+    inference, bench/train.py 1.14x for the CPU recipe's training step, level for the smallest
+    quick-space models). bf16 stays CUDA-only (segcore.device.autocast_for): the machine here has
+    no bf16 instructions (AVX2), where bf16 autocast made a training step 4-14 times slower."""
+    return torch.channels_last
 
 
-def memory_format_for(device: torch.device, training: bool = True) -> torch.memory_format:
-    """The memory layout of a model and its inputs on `device`, for training or inference."""
-    if device.type == "cuda" or CPU_CHANNELS_LAST["training" if training else "inference"]:
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def to_device(x: torch.Tensor, device: torch.device, training: bool = True) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A (B, C, H, W) batch on `device`, in the layout the model uses there."""
-    layout = memory_format_for(device, training)
-    return x.to(device, non_blocking=True).contiguous(memory_format=layout)
+    return x.to(device, non_blocking=True).contiguous(memory_format=memory_format_for(device))

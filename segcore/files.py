@@ -121,5 +121,5 @@ def load_model(path: str | Path, device: torch.device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: damaged model file ({type(e).__name__}: {reason})") from None
-    model = model.to(device, memory_format=memory_format_for(device, training=False))
+    model = model.to(device, memory_format=memory_format_for(device))
     return model.eval(), payload

@@ -51,7 +51,7 @@ def prepare(
                 conv, norm = module[i], module[i + 1]
                 if isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d):
                     module[i], module[i + 1] = fuse_conv_bn_eval(conv, norm), torch.nn.Identity()
-    return model.to(device, memory_format=layout or memory_format_for(device, training=False))
+    return model.to(device, memory_format=layout or memory_format_for(device))
 
 
 def layout_of(model: torch.nn.Module) -> torch.memory_format:
