@@ -70,6 +70,16 @@ def test_margin_grows_with_strength_and_keeps_parity(patch_size):
     assert sizes[-1] >= patch_size * math.sqrt(2) * 1.8
 
 
+@pytest.mark.parametrize(
+    "patch_size,strength,size",
+    # ceil((P - 1) * sqrt(2) * (1 + 0.8 * strength)) + 1 + 2 * 3, rounded up to P's parity;
+    # e.g. P 64, strength 0.5: ceil(63 * 1.4142 * 1.4) = 125, + 7 = 132, even like 64.
+    [(64, 0.5, 132), (64, 1.0, 168), (32, 0.5, 70), (32, 0.25, 60), (33, 0.5, 71), (33, 1.0, 89)],
+)
+def test_margin_is_the_largest_rotated_scaled_view_and_no_more(patch_size, strength, size):
+    assert spatial_margin(strength, patch_size) == size  # larger wastes loading and memory
+
+
 @pytest.mark.parametrize("strength", [0.5, 1.0])
 def test_margin_keeps_every_rotated_scaled_view_inside_the_crop(strength):
     patch = 32

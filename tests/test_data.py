@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -160,6 +161,31 @@ def test_load_images_plain_folder(tmp_path):
     assert load_images(tmp_path / "d").masks is not None
 
 
+def test_load_images_from_a_data_folder_without_masks(tmp_path):
+    """`predict --data DIR`: DIR/images without DIR/masks is read as a folder of images, by
+    name, with no classes; a bad image names its own file."""
+    make_folder(tmp_path / "d")
+    shutil.rmtree(tmp_path / "d" / "masks")
+    ds = load_images(tmp_path / "d")
+    assert ds.masks is None and ds.names == ["Img_0", "Img_1", "Img_2"]
+    assert ds.classes == [] and ds.palette == []
+    assert ds.images[0].shape == (16, 24, 3)
+    np.save(tmp_path / "d" / "images" / "Img_3.npy", np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(UserError, match=r"Img_3\.npy: image must be"):
+        load_images(tmp_path / "d")
+
+
+def test_default_palette_beyond_the_built_in_colours():
+    """Classes beyond the twelve built-in colours get fixed colours (the same on every run and
+    machine, so masks written by `predict` read back the same): NumPy's RandomState(0) draws."""
+    from segcore.data import DEFAULT_PALETTE, _default_palette
+
+    assert _default_palette(3) == DEFAULT_PALETTE[:3]
+    palette = _default_palette(14)
+    assert palette[:12] == DEFAULT_PALETTE and len(set(palette)) == 14
+    assert palette[12:] == [(172, 47, 117), (192, 67, 251)]
+
+
 def test_split_by_whole_image_is_seeded():
     tr, va, te = split(10, 0.2, 0.3, seed=3)
     assert (len(tr), len(va), len(te)) == (5, 2, 3)
@@ -212,6 +238,28 @@ def test_join_keeps_every_image_with_its_mask_and_name():
     b = Dataset([np.ones((2, 2, 1))], [np.ones((2, 2), int)], ["b"], ["bg", "fg"], [(0, 0, 0)])
     both = a.join(b)
     assert both.names == ["a", "b"] and both.classes == ["bg", "fg"]
+    assert both.palette == [(0, 0, 0)]  # the colours predict writes masks in
     assert [m.max() for m in both.masks] == [0, 1] and [i.max() for i in both.images] == [0, 1]
     unlabelled = Dataset([np.ones((2, 2, 1))], None, ["c"], ["bg", "fg"], [(0, 0, 0)])
     assert a.join(unlabelled).masks is None and len(a.join(unlabelled).images) == 2
+
+
+def test_test_data_must_have_masks_channels_and_classes_of_the_data():
+    from segcore.data import Dataset
+    from segcore.split import check_test_data
+
+    def data(channels=1, masks=True, classes=("bg", "fg")):
+        image = np.zeros((2, 2, channels))
+        return Dataset([image], [np.zeros((2, 2), int)] if masks else None, ["a"], list(classes),
+                       [(0, 0, 0), (255, 255, 255)])  # fmt: skip
+
+    check_test_data(data(), data())  # fits: no error
+    cases = [
+        (data(masks=False), "--test-data: test images need masks (DIR/images and DIR/masks)"),
+        (data(channels=3), "--test-data: images have 3 channel(s), --data's 1"),
+        (data(classes=("bg", "cell")), "--test-data: classes ['bg', 'cell'] differ from"),
+    ]
+    for test_set, message in cases:
+        with pytest.raises(UserError) as e:
+            check_test_data(data(), test_set)
+        assert str(e.value).startswith(message), str(e.value)

@@ -127,3 +127,81 @@ def test_evaluate_scores_with_the_configs_stitching(model):
     iou = inter / union
     assert out["images"] == 2 and out["miou"] == pytest.approx(iou.mean(), abs=1e-12)
     assert out["per_class"] == pytest.approx(dict(zip(["bg", "line", "ellipse"], iou)))
+
+
+def test_tile_starts_with_a_step_under_two_pixels():
+    assert tile_starts(10, 2, 0.5) == list(range(9))  # step 1: every pixel a start
+    assert tile_starts(6, 3, 0.5) == [0, 2, 3]  # step 1.5: three tiles, rounded offsets
+
+
+def test_gaussian_weights_match_the_formula():
+    from segcore.infer import gaussian_weights
+
+    w = gaussian_weights(8)
+    x = (np.arange(8) - 3.5) / (8 * 0.125)
+    g = np.exp(-0.5 * x**2)
+    assert w.dtype == torch.float32 and w.shape == (8, 8)
+    assert np.allclose(w.numpy(), np.maximum(np.outer(g, g), 1e-3), atol=1e-7)
+    assert float(gaussian_weights(64).min()) == pytest.approx(1e-3)  # the floor at the corners
+
+
+def test_prepare_folds_every_conv_batch_norm_pair_and_lays_out_for_the_device():
+    from segcore.infer import prepare
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4))  # pair at the end
+    seq[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(1, 2, 9, 9)
+    ready = prepare(seq, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ready.modules())
+    assert torch.allclose(ready(x), seq.eval()(x), atol=1e-5)
+    assert ready[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = prepare(seq, torch.device("cpu"), layout=torch.contiguous_format)
+    assert plain[0].weight.is_contiguous() and not plain[0].weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def test_layout_of_reads_the_first_weight_whose_layout_shows():
+    from segcore.infer import layout_of
+
+    def convs(*shapes):
+        return torch.nn.Sequential(*[torch.nn.Conv2d(i, o, k) for i, o, k in shapes])
+
+    assert layout_of(convs((3, 4, 3))) == torch.contiguous_format
+    assert layout_of(convs((3, 4, 3)).to(memory_format=torch.channels_last)) == torch.channels_last
+    # one input channel or a 1x1 kernel: both layouts have the same strides, so look further on
+    lone = convs((1, 4, 3), (4, 4, 1), (4, 4, 3))
+    assert layout_of(lone) == torch.contiguous_format
+    lone[2].to(memory_format=torch.channels_last)
+    assert layout_of(lone) == torch.channels_last
+    assert layout_of(torch.nn.Linear(3, 3)) == torch.contiguous_format  # no 4-D weight
+
+
+def test_tile_batch_budgets():
+    from segcore.infer import tile_batch
+
+    m = build_model("unet", 1, 3, depth=2, base_width=16, max_width=32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
+    assert tile_batch(m, 64, cpu) == 45  # 3e6 // (64 * 64 * 16)
+    assert tile_batch(m, 64, cuda) == 3051  # 2e8 // (64 * 64 * 16)
+    assert tile_batch(m, 1024, cpu) == 1  # at least one tile
+
+
+def test_evaluate_reports_progress_and_null_for_an_absent_class(model, capsys):
+    from segcore.config import TrialConfig
+    from segcore.data import Dataset
+    from segcore.infer import evaluate
+
+    rng = np.random.RandomState(1)
+    images = [rng.randn(24, 24, 1).astype(np.float32) for _ in range(3)]
+    masks = [np.zeros((24, 24), np.int64) for _ in range(3)]
+    classes = ["bg", "line", "ellipse", "never"]  # 4 classes; the model predicts 3
+    model4 = build_model("unet", 1, 4, depth=1, base_width=4, max_width=8).eval()
+    with torch.no_grad():
+        last = [m for m in model4.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.bias[3] = -100.0  # class 3 never predicted, never in a mask
+    data = Dataset(images, masks, ["a", "b", "c"], classes, [(0, 0, 0)] * 4)
+    out = evaluate(model4, data, TrialConfig(patch_size=32, depth=1, tile_size=16), progress=True)
+    assert out["per_class"]["never"] is None and out["images"] == 3
+    assert "score: 3/3 images (100%)" in capsys.readouterr().err

@@ -175,4 +175,4 @@ study: {{n_trials: 4, sampler: {{name: random}}, pruner: {{name: none}}, top_k: 
             assert "above max_infer_ms" in t["user_attrs"]["pruned_reason"], t
     pixels = np.asarray(Image.open(tmp_path / "reports" / "c" / "tradeoff.png").convert("RGB"))
     green = (pixels[..., 1] > 100) & (pixels[..., 0] < 80) & (pixels[..., 2] < 80)
-    assert green.sum() > 50  # the feasible front is drawn
+    assert green.sum() > 60  # the front is drawn (rings: one feasible trial gives 85 pixels)

@@ -120,6 +120,42 @@ def test_missing_file(tmp_path):
         load_space(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "search:\n  lr: {}\n  depth: {}\n  lr: {}\n",
+            "not valid YAML at line 4 (key 'lr' repeated)",
+        ),
+        (
+            "search:\n  - a: 1\n    a: 2\n",
+            "not valid YAML at line 3 (key 'a' repeated)",
+        ),  # in a list
+        (
+            "search: [1, 2\n",
+            "not valid YAML at line 2 (expected ',' or ']', but got '<stream end>')",
+        ),
+        ("a: \x07\n", "not valid YAML"),  # a reader error: no line, no problem
+    ],
+)
+def test_yaml_errors_give_the_line_and_the_problem(tmp_path, text, message):
+    with pytest.raises(UserError) as info:
+        load_space(write(tmp_path, text))
+    assert str(info.value) == f"{tmp_path / 'space.yaml'}: {message}"
+
+
+def test_unreadable_file_names_the_reason(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    for name, reason in (
+        ("folder.yaml", "IsADirectoryError"),
+        ("binary.yaml", "UnicodeDecodeError"),
+    ):
+        with pytest.raises(UserError) as info:
+            load_space(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: cannot read ({reason})"
+
+
 def test_sampler_and_pruner_args_are_checked_when_the_space_is_loaded(tmp_path):
     from segcore.space import build_sampler
 

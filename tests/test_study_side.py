@@ -165,6 +165,23 @@ def test_top_trials_order_ties_and_would_be_top(tmp_path, monkeypatch):
     assert [t.number for t in top_trials(run.study, 3)] == [1, 3, 2]  # ties: the earlier first
     assert would_be_top(run.study, 3, 0.71, 10) and not would_be_top(run.study, 3, 0.7, 10)
     assert would_be_top(run.study, 5, 0.1, 10)  # fewer than K so far
+    finished(run.study, [0.1, 0.1, 0.8])  # trials 4, 5, 6
+    assert [t.number for t in top_trials(run.study, 3)] == [1, 3, 6]
+    # a tie with the last of the top K (trial 6): an earlier number enters, a later one not
+    assert would_be_top(run.study, 3, 0.8, 4) and not would_be_top(run.study, 3, 0.8, 7)
+    first_two = run.study.get_trials()[:2]  # `trials` given: only those are ranked
+    assert [t.number for t in top_trials(run.study, 3, first_two)] == [1, 0]
+
+
+def test_drop_checkpoints_reads_the_trials_once(tmp_path, monkeypatch):
+    """Its docstring's guarantee: one read of the trials, after the checkpoints are listed."""
+    run = Run(tmp_path, monkeypatch)
+    run.trial(**GOOD)
+    reads = []
+    original = run.study.get_trials
+    monkeypatch.setattr(run.study, "get_trials", lambda **kw: reads.append(kw) or original(**kw))
+    drop_checkpoints(run.study, 2, run.store)
+    assert len(reads) == 1 and len(checkpoints(run.study)) == 1
 
 
 def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypatch):
@@ -182,6 +199,8 @@ def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypat
     drop_checkpoints(run.study, 2, run.store)
     keep = {t._trial_id for t in top_trials(run.study, 2)} | {running._trial_id}
     assert set(checkpoints(run.study)) == keep
+    metas = [meta for _, _, meta in listed(run.study) if meta.get("filename") == "checkpoint.pt"]
+    assert {m["mimetype"] for m in metas} == {"application/octet-stream"}  # the dashboard's link
     files = {p.name for p in (tmp_path / "storage" / "s" / "artifacts").iterdir()}
     curves = {
         m.artifact_id
