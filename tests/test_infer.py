@@ -149,17 +149,21 @@ def test_prepare_folds_every_conv_batch_norm_pair_and_lays_out_for_the_device():
     from segcore.infer import prepare
 
     torch.manual_seed(0)
-    seq = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4))  # pair at the end
-    seq[1].running_mean.uniform_(-1, 1)
+    conv, norm = torch.nn.Conv2d, torch.nn.BatchNorm2d
+    # a convolution not followed by batch norm stays; the pair at the end is folded
+    seq = torch.nn.Sequential(conv(2, 4, 3), torch.nn.ReLU(), conv(4, 4, 3), norm(4))
+    seq[3].running_mean.uniform_(-1, 1)
     x = torch.randn(1, 2, 9, 9)
     ready = prepare(seq, torch.device("cpu"))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ready.modules())
+    assert not any(isinstance(m, norm) for m in ready.modules())
     assert torch.allclose(ready(x), seq.eval()(x), atol=1e-5)
     assert ready[0].weight.is_contiguous(memory_format=torch.channels_last)
     plain = prepare(seq, torch.device("cpu"), layout=torch.contiguous_format)
     assert plain[0].weight.is_contiguous() and not plain[0].weight.is_contiguous(
         memory_format=torch.channels_last
     )
+    # moved to the device asked for (the meta device stands in for a GPU here)
+    assert prepare(seq, torch.device("meta"))[2].weight.device.type == "meta"
 
 
 def test_layout_of_reads_the_first_weight_whose_layout_shows():
@@ -176,6 +180,8 @@ def test_layout_of_reads_the_first_weight_whose_layout_shows():
     lone[2].to(memory_format=torch.channels_last)
     assert layout_of(lone) == torch.channels_last
     assert layout_of(torch.nn.Linear(3, 3)) == torch.contiguous_format  # no 4-D weight
+    for shape in ((2, 4, 3), (3, 4, (3, 1)), (3, 4, (1, 2))):  # the smallest that show it
+        assert layout_of(convs(shape).to(memory_format=torch.channels_last)) == torch.channels_last
 
 
 def test_tile_batch_budgets():
@@ -205,3 +211,5 @@ def test_evaluate_reports_progress_and_null_for_an_absent_class(model, capsys):
     out = evaluate(model4, data, TrialConfig(patch_size=32, depth=1, tile_size=16), progress=True)
     assert out["per_class"]["never"] is None and out["images"] == 3
     assert "score: 3/3 images (100%)" in capsys.readouterr().err
+    evaluate(model4, data, TrialConfig(patch_size=32, depth=1, tile_size=16))
+    assert capsys.readouterr().err == ""  # quiet unless asked

@@ -136,6 +136,20 @@ def test_worker_processes_run_reproducibly_and_close(dataset):
     # Worker 0 is seeded like the in-process path, so the first batch matches it.
     x0, y0 = _batches(dataset, n=1, **args)[0]
     assert torch.equal(batches[0][0], x0) and torch.equal(batches[0][1], y0)
+    assert stream.rng_state() is None  # the states live in the worker processes
+
+
+def test_validation_patches_half_centred_on_foreground():
+    """per_image // 2 patches of each image are centred on a foreground pixel, the rest anywhere:
+    with one foreground pixel, exactly those patches have it at their centre."""
+    mask = np.zeros((60, 60), np.int64)
+    mask[17, 41] = 1
+    image = np.zeros((60, 60, 1), np.float32)
+    for per_image, on_fg in ((1, 0), (3, 1), (5, 2)):
+        _, y = validation_patches([image], [mask], patch_size=16, per_image=per_image, seed=0)
+        assert len(y) == per_image and int(y[:, 8, 8].sum()) == on_fg, per_image
+    with pytest.raises(ValueError, match="per_image: must be >= 1, got 0"):
+        validation_patches([image], [mask], patch_size=16, per_image=0, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,24 @@ def test_constraint_met_by_construction():
     assert cfg.depth == 3 and cfg.patch_size % 2**cfg.depth == 0
 
 
+def test_suggest_passes_log_and_step_to_optuna():
+    """The distributions a trial records (what TPE models and the dashboard shows) are the
+    space's: log scale and step included, for floats and ints."""
+    space = parse_space({"search": {
+        "lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True},
+        "aug_strength": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.25},
+        "base_width": {"type": "int", "low": 4, "high": 16, "log": True},
+        "depth": {"type": "int", "low": 1, "high": 3, "step": 2},
+    }, "fixed": {"patch_size": 64}}, "space.yaml")  # fmt: skip
+    study = optuna.create_study()
+    suggest(study.ask(), space)
+    d = study.trials[0].distributions
+    assert d["lr"] == optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)
+    assert d["aug_strength"] == optuna.distributions.FloatDistribution(0.0, 1.0, step=0.25)
+    assert d["base_width"] == optuna.distributions.IntDistribution(4, 16, log=True)
+    assert d["depth"] == optuna.distributions.IntDistribution(1, 3, step=2)
+
+
 def test_every_sampled_trial_is_valid(tmp_path):
     space = load_space(ROOT / "search_spaces" / "quick.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))

@@ -194,6 +194,8 @@ def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypat
 
     done = [t for t in run.study.trials if t.state == TrialState.COMPLETE]
     model, payload = load_checkpoint(run.study, done[0], run.store, CPU)
+    on_meta, _ = load_checkpoint(run.study, done[0], run.store, torch.device("meta"))
+    assert next(on_meta.parameters()).device.type == "meta"  # the device asked for (a GPU's)
     store_checkpoint(run.study, running._trial_id, model.state_dict(), payload["config"],
                      run.data.train, {}, run.store)  # fmt: skip
     drop_checkpoints(run.study, 2, run.store)
