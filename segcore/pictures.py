@@ -118,8 +118,9 @@ def tradeoff_plot(path: str | Path, trials: list[dict], limit_ms: float | None,
                    label="over the limits (pruned untrained)")  # fmt: skip
     front = pareto_front([(t["infer_ms"], t["value"]) for t in trained if t["state"] == "COMPLETE"])
     if front:
+        # rings on the steps: a front of one trial shows too
         ax.step(*zip(*front), where="post", c="tab:green", marker="o", mfc="none", ms=9,
-                label="feasible front")  # fmt: skip  (rings: a one-trial front shows too)
+                label="feasible front")  # fmt: skip
     if limit_ms is not None:
         ax.axvline(limit_ms, c="tab:red", ls="--", lw=1, label=f"max_infer_ms {limit_ms:g}")
     for t in trained:
