@@ -107,3 +107,52 @@ def test_labels_stay_whole(strength):
     out = build_transforms(strength, patch)(data=data, seg=seg)
     assert out["data"].shape == (8, 2, patch, patch)
     assert set(np.unique(out["seg"])) <= {0.0, 1.0, 2.0}
+
+
+_FIXED = {  # what every strength above 0 sets, by transform (the table in segcore/augment.py)
+    "SpatialTransform": {"do_elastic_deform": False, "do_rotation": True, "do_scale": True,
+                         "border_mode_data": "constant", "border_cval_data": 0, "order_data": 3,
+                         "border_mode_seg": "constant", "border_cval_seg": 0, "order_seg": 0,
+                         "random_crop": False},
+    "GaussianBlurTransform": {"different_sigma_per_channel": True, "p_per_channel": 0.5},
+    "SimulateLowResolutionTransform": {"per_channel": True, "p_per_channel": 0.5,
+                                       "order_downsample": 0, "order_upsample": 3},
+    "GammaTransform": {"per_channel": True, "retain_stats": True},
+    "MirrorTransform": {"axes": (0, 1)},
+}  # fmt: skip
+_BY_STRENGTH = {  # strength -> the pipeline's ranges and probabilities, in order, by hand
+    0.25: [  # k = 0.5: half of nnU-Net's probabilities, ranges half as wide, rotation +-pi/2
+        {"p_rot_per_sample": 0.1, "angle_x": (-math.pi / 2, math.pi / 2),
+         "p_scale_per_sample": 0.1, "scale": (0.85, 1.2)},
+        {"noise_variance": (0, 0.05), "p_per_sample": 0.05},
+        {"blur_sigma": (0.5, 0.75), "p_per_sample": 0.1},
+        {"multiplier_range": (0.875, 1.125), "p_per_sample": 0.075},
+        {"contrast_range": (0.875, 1.125), "p_per_sample": 0.075},
+        {"zoom_range": (0.5**0.5, 1), "p_per_sample": 0.125},
+        {"gamma_range": (0.85, 1.25), "invert_image": True, "p_per_sample": 0.05},
+        {"gamma_range": (0.85, 1.25), "invert_image": False, "p_per_sample": 0.15},
+        {},
+    ],
+    1.0: [  # k = 2: twice nnU-Net's probabilities, ranges twice as wide, rotation +-pi
+        {"p_rot_per_sample": 0.4, "angle_x": (-math.pi, math.pi), "p_scale_per_sample": 0.4,
+         "scale": (0.4, 1.8)},
+        {"noise_variance": (0, 0.2), "p_per_sample": 0.2},
+        {"blur_sigma": (0.5, 1.5), "p_per_sample": 0.4},
+        {"multiplier_range": (0.5, 1.5), "p_per_sample": 0.3},
+        {"contrast_range": (0.5, 1.5), "p_per_sample": 0.3},
+        {"zoom_range": (0.25, 1), "p_per_sample": 0.5},
+        {"gamma_range": (0.4, 2.0), "invert_image": True, "p_per_sample": 0.2},
+        {"gamma_range": (0.4, 2.0), "invert_image": False, "p_per_sample": 0.6},
+        {},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("strength", sorted(_BY_STRENGTH))
+def test_every_transform_setting_follows_the_table(strength):
+    compose = build_transforms(strength, 40)
+    for transform, rows in zip(compose.transforms, _BY_STRENGTH[strength], strict=True):
+        name = type(transform).__name__
+        for key, value in {**_FIXED.get(name, {}), **rows}.items():
+            got = getattr(transform, key)
+            assert got == pytest.approx(value) and type(got) is type(value), (name, key, got)

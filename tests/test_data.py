@@ -57,7 +57,13 @@ def test_rgb_masks_without_labels_json_sorted_colours(tmp_path, capsys):
     ds = load_folder(tmp_path)
     # black first, then the other colours sorted: (0, 255, 0) < (255, 0, 0)
     assert ds.palette == [(0, 0, 0), (0, 255, 0), (255, 0, 0)]
-    assert "labels:" in capsys.readouterr().out
+    assert ds.classes == ["class_0", "class_1", "class_2"]
+    assert capsys.readouterr().out == (
+        f"note: {tmp_path / 'masks'} has RGB masks and no labels.json; "
+        "labels: 0=(0, 0, 0), 1=(0, 255, 0), 2=(255, 0, 0)\n"
+    )
+    make_folder(tmp_path / "one", n=1, labels=False)  # a folder of one image (a test folder)
+    assert len(load_folder(tmp_path / "one").classes) == 3
 
 
 def test_pairing_by_stem_and_by_trailing_number(tmp_path):
@@ -263,3 +269,140 @@ def test_test_data_must_have_masks_channels_and_classes_of_the_data():
         with pytest.raises(UserError) as e:
             check_test_data(data(), test_set)
         assert str(e.value).startswith(message), str(e.value)
+
+
+def test_read_array_keeps_palette_indices_and_drops_alpha_and_cmyk(tmp_path):
+    from segcore.data import read_array
+
+    rgb = np.random.RandomState(0).randint(0, 256, (6, 5, 3), dtype=np.uint8)
+    alpha = np.full((6, 5, 1), 128, np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], -1)).save(tmp_path / "rgba.png")
+    assert np.array_equal(read_array(tmp_path / "rgba.png"), rgb)  # alpha dropped
+    Image.fromarray(np.concatenate([rgb[..., :1], alpha], -1), mode="LA").save(tmp_path / "la.png")
+    assert np.array_equal(read_array(tmp_path / "la.png"), np.repeat(rgb[..., :1], 3, -1))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    with Image.open(tmp_path / "cmyk.tif") as im:
+        assert np.array_equal(read_array(tmp_path / "cmyk.tif"), np.array(im.convert("RGB")))
+    indexed = Image.new("P", (5, 6))
+    indexed.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * 759)
+    labels = np.random.RandomState(1).randint(0, 3, (6, 5)).astype(np.uint8)
+    indexed.putdata(labels.ravel().tolist())
+    indexed.save(tmp_path / "indexed.png")
+    assert np.array_equal(read_array(tmp_path / "indexed.png"), labels)  # indices, not colours
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError) as e:  # a pickle is never loaded
+        read_array(tmp_path / "objects.npy")
+    assert str(e.value) == f"{tmp_path / 'objects.npy'}: cannot read as an image (ValueError)"
+
+
+def test_image_channels_rules():
+    from pathlib import Path
+
+    from segcore.data import image_channels
+
+    four = np.arange(2 * 2 * 4, dtype=np.float32).reshape(2, 2, 4)
+    assert np.array_equal(image_channels(four, Path("x.npy")), four[..., :3])  # alpha dropped
+    for bad, message in (
+        (np.array([[0.0, np.nan]]), "x.npy: has NaN or infinite pixel values"),
+        (np.zeros((2, 2, 5)), "x.npy: image must be (H, W) or (H, W, 1|3|4), got shape (2, 2, 5)"),
+    ):
+        with pytest.raises(UserError) as e:
+            image_channels(bad, Path("x.npy"))
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        ([], "'classes' must be a list of at least two names"),
+        ({"classes": ["only"]}, "'classes' must be a list of at least two names"),
+        ({"classes": ["a", 3]}, "'classes' must be a list of at least two names"),
+        ({"classes": ["a", "b"], "colors": [[0, 0, 0], [256, 0, 0]]},
+         "'colors' must hold one [r, g, b] (0-255) per class"),
+        ({"classes": ["a", "b"], "colors": [[9, 9, 9], [9, 9, 9]]}, "'colors' must be distinct"),
+    ],
+)  # fmt: skip
+def test_labels_json_rules(tmp_path, labels, message):
+    from segcore.data import read_labels
+
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(UserError) as e:
+        read_labels(tmp_path / "labels.json")
+    assert str(e.value) == f"{tmp_path / 'labels.json'}: {message}"
+
+
+def test_labels_json_without_colours_gets_the_default_palette(tmp_path):
+    from segcore.data import DEFAULT_PALETTE, read_labels
+
+    (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    assert read_labels(tmp_path / "labels.json") == (["a", "b", "c"], DEFAULT_PALETTE[:3])
+
+
+def _grey_masks(root, value, dtype, labels=None):
+    make_folder(root, n=2, rgb_masks=False, labels=False)
+    for p in (root / "masks").iterdir():
+        p.unlink()
+    for i in range(2):
+        mask = np.full((16, 24), value, dtype) if i else np.zeros((16, 24), np.int64)
+        np.save(root / "masks" / f"Mask_{i}.npy", mask)
+    if labels:
+        (root / "labels.json").write_text(json.dumps({"classes": labels}))
+    return root / "masks" / "Mask_1.npy"
+
+
+@pytest.mark.parametrize(
+    "value,dtype,labels,message",
+    [
+        (1.0, np.float32, None, "grey mask values must be non-negative integers"),
+        (-1, np.int64, None, "grey mask values must be non-negative integers"),
+        (256, np.int64, None,
+         "grey label 256; without labels.json grey masks hold class indices 0..255"),
+        (3, np.int64, ["a", "b", "c"], "label 3 has no class in {labels} (3 classes)"),
+    ],
+)  # fmt: skip
+def test_grey_mask_rules(tmp_path, value, dtype, labels, message):
+    path = _grey_masks(tmp_path / "d", value, dtype, labels)
+    with pytest.raises(UserError) as e:
+        load_folder(tmp_path / "d")
+    labels_path = tmp_path / "d" / "labels.json"
+    assert str(e.value) == f"{path}: " + message.format(labels=labels_path)
+
+
+def test_grey_masks_load_as_int64_and_the_largest_colour_is_checked(tmp_path):
+    _grey_masks(tmp_path / "d", 255, np.uint8)  # the largest label allowed without labels.json
+    ds = load_folder(tmp_path / "d")
+    assert len(ds.classes) == 256 and all(m.dtype == np.int64 for m in ds.masks)
+    make_folder(tmp_path / "rgb")  # white: beyond every class colour of the palette
+    Image.fromarray(np.full((16, 24, 3), 255, np.uint8)).save(tmp_path / "rgb/masks/Mask_1.png")
+    with pytest.raises(UserError, match=r"colour \(255, 255, 255\) at \(0, 0\) is not a class"):
+        load_folder(tmp_path / "rgb")
+
+
+def test_splits_are_recorded_under_their_names(tmp_path):
+    from segcore.config import TrialConfig
+    from segcore.split import split_dataset
+
+    make_folder(tmp_path / "d", n=6)
+    cfg = TrialConfig(val_fraction=0.2, test_fraction=0.2)
+    splits = split_dataset(load_folder(tmp_path / "d"), cfg)
+    names = splits.names()
+    assert sorted(names) == ["test", "train", "validation"]
+    assert sorted(n for part in names.values() for n in part) == [f"Img_{i}" for i in range(6)]
+    other = load_folder(tmp_path / "d").subset([0])  # --test-data: no test images split off
+    given = split_dataset(load_folder(tmp_path / "d"), cfg, other)
+    assert len(given.train.images) + len(given.val.images) == 6 and given.test is other
+
+
+def test_split_errors_say_what_each_part_needs():
+    with pytest.raises(UserError) as e:
+        split(2, 0.2, 0.2, 0)
+    assert str(e.value) == (
+        "data set has 2 image(s); 1 validation (val_fraction 0.2), 1 test (test_fraction 0.2) "
+        "and at least 1 training image need 3; add images or give --test-data DIR"
+    )
+    with pytest.raises(UserError) as e:
+        split(1, 0.2, 0, 0)
+    assert str(e.value) == (
+        "data set has 1 image(s); 1 validation (val_fraction 0.2) and at least 1 training image "
+        "need 2"
+    )
