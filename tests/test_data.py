@@ -406,3 +406,87 @@ def test_split_errors_say_what_each_part_needs():
         "data set has 1 image(s); 1 validation (val_fraction 0.2) and at least 1 training image "
         "need 2"
     )
+
+
+def test_normalize_z_scores_each_channel_on_its_own():
+    from segcore.data import normalize
+
+    rng = np.random.RandomState(0)
+    image = np.stack([rng.randn(9, 7) * 0.01 + 5, rng.randn(9, 7) * 40 - 3], -1)
+    out = normalize(image)
+    assert out.dtype == np.float32 and out.shape == (9, 7, 2)
+    assert np.allclose(out.mean((0, 1)), 0, atol=1e-4) and np.allclose(
+        out.std((0, 1)), 1, atol=1e-3
+    )
+    assert np.array_equal(normalize(np.full((3, 3, 1), 7.0)), np.zeros((3, 3, 1)))  # flat: zeros
+
+
+def test_subset_of_an_unlabelled_data_set():
+    from segcore.data import Dataset
+
+    images = [np.zeros((2, 2, 1)), np.ones((2, 2, 1))]
+    part = Dataset(images, None, ["a", "b"], [], []).subset([1])
+    assert part.masks is None and part.names == ["b"] and part.images[0].max() == 1
+
+
+def test_file_listing_and_pairing_rules(tmp_path):
+    from segcore.data import IMAGE_SUFFIXES, _trailing_number, list_images, pair_files
+
+    (tmp_path / "f").mkdir()
+    for name in (".DS_Store", "a.png", "b.npy"):
+        (tmp_path / "f" / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path / "f")] == ["a.png", "b.npy"]  # hidden: skipped
+    (tmp_path / "f" / "c.txt").write_text("")
+    with pytest.raises(UserError) as e:
+        list_images(tmp_path / "f")
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'f' / 'c.txt'}: not an image file (expected "
+        + ", ".join(IMAGE_SUFFIXES)
+        + ")"
+    )
+    assert _trailing_number("scan_007") == "7" and _trailing_number("scan") is None
+
+    def paths(folder, *names):
+        return [tmp_path / folder / n for n in names]
+
+    # the same stem wins over the trailing number
+    images, masks = paths("i", "cat_1.png", "dog_2.png"), paths("m", "dog_2.png", "cat_1.png")
+    assert pair_files(images, masks) == list(zip(images, masks[::-1], strict=True))
+    images, masks = paths("i", "x_3.png"), paths("m", "a_3.png", "b_3.png")
+    with pytest.raises(UserError) as e:
+        pair_files(images, masks)
+    assert str(e.value) == f"{images[0]}: several masks end in the same number (a_3.png, b_3.png)"
+    images, masks = paths("i", "1.png", "img_1.png"), paths("m", "1.png")
+    with pytest.raises(UserError) as e:
+        pair_files(images, masks)
+    assert str(e.value) == f"{masks[0]}: paired with more than one image"
+
+
+def test_mask_shapes_a_folder_may_hold(tmp_path):
+    make_folder(tmp_path / "d", n=2, size=(6, 10))
+    masks = load_folder(tmp_path / "d").masks
+    one = tmp_path / "d" / "masks" / "Mask_0.png"
+    one.unlink()  # the same labels as (H, W, 1) grey in a .npy, and as RGBA colours
+    rgba = np.concatenate([colorize(masks[1], PALETTE), np.full((6, 10, 1), 255, np.uint8)], -1)
+    Image.fromarray(rgba).save(tmp_path / "d" / "masks" / "Mask_1.png")
+    np.save(tmp_path / "d" / "masks" / "Mask_0.npy", np.full((6, 10, 1), 2, np.uint8))
+    with pytest.raises(UserError, match="masks mix grey labels and RGB colours"):
+        load_folder(tmp_path / "d")  # but (H, W, 1) counts as grey, RGBA as colour
+    np.save(tmp_path / "d" / "masks" / "Mask_0.npy", colorize(np.full((6, 10), 2), PALETTE))
+    ds = load_folder(tmp_path / "d")
+    assert np.array_equal(ds.masks[1], masks[1]) and (ds.masks[0] == 2).all()
+    for i in range(2):  # (H, W, 1) grey on both
+        mask = np.full((6, 10, 1), i, np.uint8)
+        (tmp_path / "d" / "masks" / f"Mask_{i}.{'npy' if i == 0 else 'png'}").unlink()
+        np.save(tmp_path / "d" / "masks" / f"Mask_{i}.npy", mask)
+    assert [int(m.max()) for m in load_folder(tmp_path / "d").masks] == [0, 1]
+    bad = tmp_path / "d" / "masks" / "Mask_1.npy"
+    np.save(bad, np.zeros((6, 10, 2), np.uint8))
+    with pytest.raises(UserError) as e:
+        load_folder(tmp_path / "d")
+    assert str(e.value) == f"{bad}: mask must be (H, W) labels or (H, W, 3) colours"
+    np.save(bad, np.zeros((4, 10), np.uint8))
+    with pytest.raises(UserError) as e:
+        load_folder(tmp_path / "d")
+    assert str(e.value) == f"{bad}: size 10x4 differs from its image Img_1.png (10x6)"

@@ -60,6 +60,8 @@ def test_parse_and_suggest_with_fixed_trial(tmp_path):
 def test_constraint_met_by_construction():
     assert fit_depth(4, 48) == 4 and fit_depth(5, 48) == 4 and fit_depth(4, 40) == 3
     assert fit_depth(3, 24) == 3 and fit_depth(4, 24) == 3  # 24 < 2 * 16: no depth 4
+    assert fit_depth(4, 16) == 3  # a 1x1 bottom at depth 4: one less
+    assert fit_depth(3, 34) == 1 and fit_depth(2, 33) == 1  # never below 1, even for odd sizes
     space = parse_space(
         {"search": {"patch_size": {"type": "categorical", "choices": [40, 64]},
                     "depth": {"type": "int", "low": 2, "high": 4}}}, "s",
