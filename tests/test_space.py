@@ -70,6 +70,16 @@ def test_constraint_met_by_construction():
     assert cfg.depth == 3 and cfg.patch_size % 2**cfg.depth == 0
 
 
+def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given():
+    from segcore.space import config_from
+
+    space = parse_space({"search": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}, "s")
+    assert config_from({"patch_size": 40}, space).depth == 3  # the default depth 4, fitted
+    assert config_from({"depth": 5}, space).depth == 4  # to the default patch size, 64
+    assert config_from({"depth": 6, "patch_size": 64}, space).depth == 4  # the deepest allowed
+    assert config_from({"depth": 1, "patch_size": 34}, space).depth == 1
+
+
 def test_suggest_passes_log_and_step_to_optuna():
     """The distributions a trial records (what TPE models and the dashboard shows) are the
     space's: log scale and step included, for floats and ints."""
