@@ -75,8 +75,8 @@ def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given()
 
     space = parse_space({"search": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}, "s")
     assert config_from({"patch_size": 40}, space).depth == 3  # the default depth 4, fitted
-    assert config_from({"depth": 5}, space).depth == 4  # to the default patch size, 64
-    assert config_from({"depth": 6, "patch_size": 64}, space).depth == 4  # the deepest allowed
+    assert config_from({"depth": 6}, space).depth == 5  # to the default patch size, 64
+    assert config_from({"depth": 6, "patch_size": 48}, space).depth == 4  # 6 is fitted too
     assert config_from({"depth": 1, "patch_size": 34}, space).depth == 1
 
 
