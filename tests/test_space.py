@@ -80,6 +80,24 @@ def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given()
     assert config_from({"depth": 1, "patch_size": 34}, space).depth == 1
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"constraints": [1]}, "'constraints' must map limits to numbers"),
+        ({"constraints": {"max_foo": 1}},
+         "constraints.max_foo: use max_params, max_gflop_per_patch, max_infer_ms"),
+        ({"constraints": {"max_params": "x"}},
+         "constraints.max_params: must be a finite float number, got 'x'"),
+        ({"final": {"epochs": 0}}, "final: config field 'epochs': must be from 1 to 100000, got 0"),
+    ],
+)  # fmt: skip
+def test_constraints_and_final_errors_name_the_section(extra, message):
+    base = {"search": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}
+    with pytest.raises(UserError) as e:
+        parse_space({**base, **extra}, "s.yaml")
+    assert str(e.value) == f"s.yaml: {message}"
+
+
 def test_suggest_passes_log_and_step_to_optuna():
     """The distributions a trial records (what TPE models and the dashboard shows) are the
     space's: log scale and step included, for floats and ints."""
