@@ -9,14 +9,21 @@ tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes
 
     python tests/mutation.py            # run mutmut, then print the table (docs/testing.md)
     python tests/mutation.py --report   # only the table, from the last run's results
+    python tests/mutation.py NAME ...   # run these mutants again (after new tests), then the table
+
+A test process that hangs or loops is stopped and counts as a timeout (stop_stuck_mutants).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -82,11 +89,33 @@ def report() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only print the last run's table")
+    parser.add_argument("names", nargs="*", help="mutants to run again (mutmut's names)")
     args = parser.parse_args()
     if not args.report:
         mutmut = Path(sys.executable).with_name("mutmut")
-        subprocess.run([str(mutmut), "run", "--max-children", "2"], cwd=ROOT, check=False)
+        run = subprocess.Popen([str(mutmut), "run", "--max-children", "2", *args.names], cwd=ROOT)
+        while run.poll() is None:
+            stop_stuck_mutants()
+            time.sleep(10)
     return report()
+
+
+def stop_stuck_mutants(hung_s: int = 120, longest_s: int = 300) -> None:
+    """mutmut limits a mutant's tests by CPU time (30 times their time in the stats run), so a
+    mutant whose tests block (a worker process that is never joined: seen with mutants of
+    patches.train_batches) never reaches the limit, and an endless loop (fit_depth counting up)
+    reaches it only after half an hour. Kill the test process of a mutant that has used under
+    20 % of a core for over `hung_s` seconds, or run for over `longest_s` (the whole quick
+    layer takes about a minute of CPU): mutmut records it as killed by a signal, a timeout."""
+    ps = subprocess.run(["ps", "-eo", "pid=,etimes=,pcpu=,args="], capture_output=True,
+                        text=True, check=True)  # fmt: skip
+    for line in ps.stdout.splitlines():
+        pid, elapsed, cpu, *command = line.split()
+        stuck = (int(elapsed) > hung_s and float(cpu) < 20) or int(elapsed) > longest_s
+        if command[:1] == ["mutmut:"] and stuck:  # a test process (the runner is "python3 ...")
+            print(f"\nstopping {command[1]}: {elapsed} s at {cpu} % CPU", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 if __name__ == "__main__":
