@@ -98,6 +98,17 @@ def test_constraints_and_final_errors_name_the_section(extra, message):
     assert str(e.value) == f"s.yaml: {message}"
 
 
+def test_grid_lists_the_values_a_distribution_can_take():
+    """What the space's checks try: every int of a short range (by its step), the ends of a
+    long one or of a float range, every choice."""
+    from segcore.space import _grid
+
+    assert _grid({"type": "int", "low": 1, "high": 7, "step": 2}) == [1, 3, 5, 7]
+    assert _grid({"type": "int", "low": 0, "high": 20_000, "step": 1}) == [0, 20_000]
+    assert _grid({"type": "float", "low": 0.1, "high": 0.2, "step": None}) == [0.1, 0.2]
+    assert _grid({"type": "categorical", "choices": [32, 64]}) == [32, 64]
+
+
 def test_suggest_passes_log_and_step_to_optuna():
     """The distributions a trial records (what TPE models and the dashboard shows) are the
     space's: log scale and step included, for floats and ints."""
