@@ -162,6 +162,25 @@ def test_train_batches_rejects_bad_arguments(dataset, field, value):
         train_batches(*dataset, **(args | {field: value}))
 
 
+def test_argument_limits_and_messages():
+    image, mask = np.zeros((9, 9, 1), np.float32), np.zeros((9, 9), np.int64)
+    args = {"patch_size": 8, "batch_size": 1, "aug_strength": 0.0, "fg_fraction": 0.5, "seed": 0}
+    x, y = next(train_batches([image], [mask], **args))  # the smallest patch and batch allowed
+    assert x.shape == (1, 1, 8, 8) and y.shape == (1, 8, 8)
+    cases = [
+        ([image, image], [mask], {}, "images: need as many as masks and at least one, got 2"),
+        ([], [], {}, "images: need as many as masks and at least one, got 0"),
+        ([image[:5]], [mask], {}, "images: (H, W, C) must match mask (H, W), got (5, 9, 1)"),
+        ([image[..., 0]], [mask], {}, "images: (H, W, C) must match mask (H, W), got (9, 9)"),
+        ([image], [mask], {"patch_size": 7}, "patch_size: must be >= 8, got 7"),
+        ([image], [mask], {"processes": -1}, "processes: must be >= 0, got -1"),
+    ]
+    for images, masks, change, message in cases:
+        with pytest.raises(ValueError) as e:
+            train_batches(images, masks, **(args | change))
+        assert str(e.value) == message
+
+
 def test_validation_patches_fixed_centres(dataset):
     x32, y32 = validation_patches(*dataset, patch_size=32, per_image=4, seed=7)
     x64, y64 = validation_patches(*dataset, patch_size=64, per_image=4, seed=7)
