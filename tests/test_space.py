@@ -89,13 +89,30 @@ def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given()
         ({"constraints": {"max_params": "x"}},
          "constraints.max_params: must be a finite float number, got 'x'"),
         ({"final": {"epochs": 0}}, "final: config field 'epochs': must be from 1 to 100000, got 0"),
+        ({"final": {"epochs": "3"}}, "final: config field 'epochs': must be of type int, got '3'"),
+        ({"fixed": {"depth": "3"}}, "fixed: config field 'depth': must be of type int, got '3'"),
+        ({"search": {"depth": {"type": "categorical", "choices": ["a"]}}},
+         "search.depth: config field 'depth': must be of type int, got 'a'"),
+        ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"patch_size": 36}},
+         "patch_size 36: no depth in [3, 4] divides it (a patch must be a multiple of 2**depth "
+         "and at least twice it)"),
     ],
 )  # fmt: skip
-def test_constraints_and_final_errors_name_the_section(extra, message):
+def test_section_errors_name_the_section_and_field(extra, message):
     base = {"search": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}
     with pytest.raises(UserError) as e:
         parse_space({**base, **extra}, "s.yaml")
     assert str(e.value) == f"s.yaml: {message}"
+
+
+def test_validation_patch_size_defaults_to_the_largest_patch():
+    lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    assert (
+        parse_space({"search": lr, "fixed": {"patch_size": 48}}, "s").fixed["val_patch_size"] == 48
+    )
+    assert parse_space({"search": lr}, "s").fixed["val_patch_size"] == 64  # TrialConfig's
+    patch = {"patch_size": {"type": "categorical", "choices": [32, 96, 64]}}
+    assert parse_space({"search": patch}, "s").fixed["val_patch_size"] == 96
 
 
 def test_grid_lists_the_values_a_distribution_can_take():
