@@ -94,8 +94,8 @@ def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given()
         ({"search": {"depth": {"type": "categorical", "choices": ["a"]}}},
          "search.depth: config field 'depth': must be of type int, got 'a'"),
         ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"patch_size": 36}},
-         "patch_size 36: no depth in [3, 4] divides it (a patch must be a multiple of 2**depth "
-         "and at least twice it)"),
+         ("patch_size 36: no depth in [3, 4] divides it (a patch must be a multiple of 2**depth "
+          "and at least twice it)")),
     ],
 )  # fmt: skip
 def test_section_errors_name_the_section_and_field(extra, message):
