@@ -105,6 +105,32 @@ def test_section_errors_name_the_section_and_field(extra, message):
     assert str(e.value) == f"s.yaml: {message}"
 
 
+@pytest.mark.parametrize(
+    "study,message",
+    [
+        ([1], "'study' must be a mapping"),
+        ({"n_trials": "x"}, "study.n_trials: must be a finite int number, got 'x'"),
+        ({"n_trials": 1.5}, "study.n_trials: must be a finite int number, got 1.5"),
+        ({"n_trials": 0}, "study.n_trials: must be at least 1"),
+        ({"top_k": "x"}, "study.top_k: must be a finite int number, got 'x'"),
+        ({"top_k": 0}, "study.top_k: must be at least 1"),
+        ({"timeout": "x"}, "study.timeout: must be a finite float number, got 'x'"),
+    ],
+)
+def test_study_section_errors(study, message):
+    lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    with pytest.raises(UserError) as e:
+        parse_space({"search": lr, "study": study}, "s.yaml")
+    assert str(e.value) == f"s.yaml: {message}"
+
+
+def test_study_section_smallest_values():
+    lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    space = parse_space({"search": lr, "study": {"n_trials": 1.0, "top_k": 1, "timeout": 0}}, "s")
+    assert (space.n_trials, space.top_k, space.timeout) == (1, 1, 0.0)
+    assert type(space.n_trials) is int and type(space.timeout) is float
+
+
 def test_validation_patch_size_defaults_to_the_largest_patch():
     lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
     assert (
