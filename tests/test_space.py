@@ -131,6 +131,38 @@ def test_study_section_smallest_values():
     assert type(space.n_trials) is int and type(space.timeout) is float
 
 
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"other": 1}, "unknown section 'other' (use search, fixed, study, final, constraints)"),
+        ({"fixed": [1]}, "'fixed' must map config fields to values"),
+        ({"final": [1]}, "'final' must map config fields to values"),
+        ({"search": {"arch": {"type": "categorical", "choices": [[1]]}}},
+         "search.arch.choices: must hold plain values, got [1]"),
+        ({"search": {"arch": {"type": "categorical", "choices": ["1e-4"]}}},
+         "search.arch.choices: '1e-4' is a string to YAML; write it with a dot, e.g. 1.0e-4"),
+        ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "log": "yes"}}},
+         "search.lr.log: must be true or false, got 'yes'"),
+        ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": "x"}}},
+         "search.lr.step: must be a finite float number, got 'x'"),
+        ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": 0}}},
+         "search.lr.step: must be above 0, got 0.0"),
+        ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": 0.05, "log": True}}},
+         "search.lr: step and log cannot be used together"),
+    ],
+)  # fmt: skip
+def test_section_and_distribution_errors_exactly(raw, message):
+    lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    with pytest.raises(UserError) as e:
+        parse_space({"search": lr, **raw}, "s.yaml")
+    assert str(e.value) == f"s.yaml: {message}"
+
+
+def test_a_range_of_one_value_is_allowed():
+    space = parse_space({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.1}}}, "s")
+    assert (space.search["lr"]["low"], space.search["lr"]["high"]) == (0.1, 0.1)
+
+
 def test_validation_patch_size_defaults_to_the_largest_patch():
     lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
     assert (
