@@ -149,6 +149,12 @@ def test_study_section_smallest_values():
          "search.lr.step: must be above 0, got 0.0"),
         ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": 0.05, "log": True}}},
          "search.lr: step and log cannot be used together"),
+        ({"constraints": {"max_params": 0}}, "constraints.max_params: must be above 0"),
+        ({"study": {"warm_start": "yes"}}, "study.warm_start: must be true or false"),
+        ({"final": {"seed": 3}},
+         "final.seed: the final fit keeps the study's value; set other fields there"),
+        ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"val_patch_size": 40}},
+         "val_patch_size 40: must be a multiple of 2**4 = 16, as trials of depth 4 score on it"),
     ],
 )  # fmt: skip
 def test_section_and_distribution_errors_exactly(raw, message):
