@@ -450,9 +450,13 @@ def test_file_listing_and_pairing_rules(tmp_path):
     def paths(folder, *names):
         return [tmp_path / folder / n for n in names]
 
-    # the same stem wins over the trailing number
-    images, masks = paths("i", "cat_1.png", "dog_2.png"), paths("m", "dog_2.png", "cat_1.png")
-    assert pair_files(images, masks) == list(zip(images, masks[::-1], strict=True))
+    # the same stem, with no number to pair by; and the stem wins over the trailing number
+    images, masks = paths("i", "cat.png", "dog_2.png"), paths("m", "dog_1.png", "cat.png")
+    images.append(tmp_path / "i" / "dog_1.png")
+    masks.append(tmp_path / "m" / "dog_2.png")
+    assert pair_files(images, masks) == list(
+        zip(images, [masks[1], masks[2], masks[0]], strict=True)
+    )
     images, masks = paths("i", "x_3.png"), paths("m", "a_3.png", "b_3.png")
     with pytest.raises(UserError) as e:
         pair_files(images, masks)
@@ -476,6 +480,8 @@ def test_mask_shapes_a_folder_may_hold(tmp_path):
     np.save(tmp_path / "d" / "masks" / "Mask_0.npy", colorize(np.full((6, 10), 2), PALETTE))
     ds = load_folder(tmp_path / "d")
     assert np.array_equal(ds.masks[1], masks[1]) and (ds.masks[0] == 2).all()
+    np.save(tmp_path / "d" / "masks" / "Mask_0.npy", rgba)  # RGBA colours in a .npy
+    assert np.array_equal(load_folder(tmp_path / "d").masks[0], masks[1])
     for i in range(2):  # (H, W, 1) grey on both
         mask = np.full((6, 10, 1), i, np.uint8)
         (tmp_path / "d" / "masks" / f"Mask_{i}.{'npy' if i == 0 else 'png'}").unlink()
