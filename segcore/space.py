@@ -7,7 +7,6 @@ completely when loaded, so no trial is wasted on a mistake in it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,11 @@ from typing import Any
 import yaml
 
 from segcore.config import TrialConfig, coerce
+from segcore.distributions import check_dist, grid, number
 from segcore.errors import UserError
 from segcore.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
 
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
-DIST_KEYS = {
-    "float": {"type", "low", "high", "log", "step"},
-    "int": {"type", "low", "high", "log", "step"},
-    "categorical": {"type", "choices"},
-}
 STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start", "timeout"}
 # One value for every trial of a study: the split and the validation patch set, so that trials
 # are compared on the same images and pixels; and what only `train` / the final fit use.
@@ -117,7 +112,7 @@ def parse_space(raw: Any, source: str) -> Space:
     both = sorted(set(search) & set(fixed))
     if both:
         raise UserError(f"{source}: field '{both[0]}' is both searched and fixed")
-    dists = {name: _check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
+    dists = {name: check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
     study = _check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
     limits = _check_constraints(raw.get("constraints") or {}, source)
@@ -136,70 +131,10 @@ def _check_constraints(constraints: Any, source: str) -> dict[str, float]:
     for key, value in constraints.items():
         if key not in LIMITS:
             raise UserError(f"{source}: constraints.{key}: use {', '.join(LIMITS)}")
-        out[key] = _number(value, f"{source}: constraints.{key}", "float")
+        out[key] = number(value, f"{source}: constraints.{key}", "float")
         if out[key] <= 0:
             raise UserError(f"{source}: constraints.{key}: must be above 0")
     return out
-
-
-def _number(value: Any, where: str, kind: str) -> float | int:
-    if isinstance(value, str) and _looks_numeric(value):  # PyYAML reads 1e-4 (no dot) as a str
-        raise UserError(f"{where}: {value!r} is a string to YAML; write it with a dot, e.g. 1.0e-4")
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind == "int":
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise UserError(f"{where}: must be a finite {kind} number, got {value!r}")
-    return int(value) if kind == "int" else float(value)
-
-
-def _check_dist(spec: Any, where: str) -> dict[str, Any]:
-    """One distribution in short form -> normalised dict; checks keys, types and ranges."""
-    if not isinstance(spec, dict) or spec.get("type") not in DIST_KEYS:
-        raise UserError(f"{where}: must be {{type: float|int|categorical, ...}}")
-    kind = spec["type"]
-    extra = sorted(set(spec) - DIST_KEYS[kind])
-    if extra:
-        raise UserError(f"{where}: unknown key '{extra[0]}' for type {kind}")
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise UserError(f"{where}.choices: must be a non-empty list")
-        for c in choices:
-            if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise UserError(f"{where}.choices: must hold plain values, got {c!r}")
-            if isinstance(c, str) and _looks_numeric(c):
-                _number(c, f"{where}.choices", "float")
-        return {"type": kind, "choices": list(choices)}
-    for key in ("low", "high"):
-        if key not in spec:
-            raise UserError(f"{where}: needs '{key}'")
-    low, high = (_number(spec[k], f"{where}.{k}", kind) for k in ("low", "high"))
-    if low > high:
-        raise UserError(f"{where}: low ({low}) must not exceed high ({high})")
-    log = spec.get("log", False)
-    if not isinstance(log, bool):
-        raise UserError(f"{where}.log: must be true or false, got {log!r}")
-    if log and low <= 0:
-        raise UserError(f"{where}: log scale needs low > 0, got {low}")
-    step = spec.get("step")
-    if step is not None:
-        step = _number(step, f"{where}.step", kind)
-        if step <= 0:
-            raise UserError(f"{where}.step: must be above 0, got {step}")
-        if log:
-            raise UserError(f"{where}: step and log cannot be used together")
-    if kind == "int" and step is None:
-        step = 1
-    return {"type": kind, "low": low, "high": high, "log": log, "step": step}
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_study(study: Any, source: str) -> dict[str, Any]:
@@ -210,15 +145,15 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
         raise UserError(f"{source}: unknown key 'study.{extra[0]}'")
     out: dict[str, Any] = {}
     if "n_trials" in study:
-        out["n_trials"] = _number(study["n_trials"], f"{source}: study.n_trials", "int")
+        out["n_trials"] = number(study["n_trials"], f"{source}: study.n_trials", "int")
         if out["n_trials"] < 1:
             raise UserError(f"{source}: study.n_trials: must be at least 1")
     if "top_k" in study:
-        out["top_k"] = _number(study["top_k"], f"{source}: study.top_k", "int")
+        out["top_k"] = number(study["top_k"], f"{source}: study.top_k", "int")
         if out["top_k"] < 1:
             raise UserError(f"{source}: study.top_k: must be at least 1")
     if "timeout" in study:
-        out["timeout"] = _number(study["timeout"], f"{source}: study.timeout", "float")
+        out["timeout"] = number(study["timeout"], f"{source}: study.timeout", "float")
         if out["timeout"] < 0:
             raise UserError(f"{source}: study.timeout: seconds, at least 0")
     if study.get("metric", "patch_miou") != "patch_miou":
@@ -242,17 +177,6 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
     return out
 
 
-def _grid(spec: dict[str, Any]) -> list[Any]:
-    """The values a distribution can take, for constraint checks (ends only for floats and for
-    integer ranges too long to list)."""
-    if spec["type"] == "categorical":
-        return spec["choices"]
-    if spec["type"] == "int":
-        values = range(spec["low"], spec["high"] + 1, spec["step"])
-        return list(values) if len(values) <= 10_000 else [values[0], values[-1]]
-    return [spec["low"], spec["high"]]
-
-
 def fit_depth(depth: int, patch_size: int) -> int:
     """The deepest depth <= `depth` that the patch supports (divisible, bottom at least 2x2)."""
     while depth > 1 and (patch_size % 2**depth or patch_size < 2 * 2**depth):
@@ -263,7 +187,7 @@ def fit_depth(depth: int, patch_size: int) -> int:
 def _largest_patch(search: dict[str, dict[str, Any]], fixed: dict[str, Any]) -> Any:
     """The default validation patch side: the largest patch size a trial can have."""
     if "patch_size" in search:
-        return max(_grid(search["patch_size"]), default=0)
+        return max(grid(search["patch_size"]), default=0)
     return fixed.get("patch_size", TrialConfig.patch_size)
 
 
@@ -272,13 +196,13 @@ def _check_configs(space: Space) -> None:
     depth a trial can have; the corners are valid configs, also after the final overrides."""
     types = {f.name: f.type for f in fields(TrialConfig)}
     for name, spec in space.search.items():
-        for value in _grid(spec):
+        for value in grid(spec):
             coerce(value, types[name], f"{space.source}: search.{name}: config field '{name}'")
     for section, values in (("fixed", space.fixed), ("final", space.final)):
         for name, value in values.items():
             coerce(value, types[name], f"{space.source}: {section}: config field '{name}'")
-    patches = _grid(space.search["patch_size"]) if "patch_size" in space.search else None
-    depths = _grid(space.search["depth"]) if "depth" in space.search else None
+    patches = grid(space.search["patch_size"]) if "patch_size" in space.search else None
+    depths = grid(space.search["depth"]) if "depth" in space.search else None
     patches = patches or [space.fixed.get("patch_size", TrialConfig.patch_size)]
     depths = depths or [space.fixed.get("depth", TrialConfig.depth)]
     for p in patches:
@@ -294,7 +218,7 @@ def _check_configs(space: Space) -> None:
             f"of 2**{deepest} = {2**deepest}, as trials of depth {deepest} score on it"
         )
     for corner in (0, -1):
-        params = {name: _grid(spec)[corner] for name, spec in space.search.items()}
+        params = {name: grid(spec)[corner] for name, spec in space.search.items()}
         final_config(config_from(params, space), space)
 
 

@@ -1,14 +1,26 @@
-"""Launching and supervising worker processes: GPU pinning, threads, logs, restarts, Ctrl-C."""
+"""Launching and supervising worker processes: GPU pinning, threads, logs, restarts, Ctrl-C.
+
+A worker is `train_optuna.py worker`, forked from a fork server that the search starts once and
+that has already imported what a worker needs: torch, the compiler stack every torch.optim step
+loads, batchgenerators with scipy, optuna. That import is about 9 s of CPU on 2 cores, which
+every worker (and every restarted one) paid before; now each search pays it once. The fork
+server never touches CUDA, so the forked workers start CUDA afresh on the GPU they are given.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import signal
 import socket
-import subprocess
 import sys
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +33,14 @@ from segcore.storage import STORAGE_ENV, open_storage
 from segcore.study import budget, counts
 from segcore.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
-ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
+ROOT = Path(__file__).resolve().parents[1]
+ENTRY = ROOT / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
+# what a worker imports, also lazily: torch.optim the compiler stack, the training loop
+# batchgenerators and scipy, optuna's database storage alembic and SQLAlchemy (missing: skipped)
+PRELOAD = ["segcore.worker", "segcore.train", "torch._dynamo", "optuna.storages._rdb.models",
+           "alembic.command", "alembic.migration", "alembic.script", "sqlalchemy.orm",
+           "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql", "psycopg"]  # fmt: skip
 
 
 def parse_gpus(spec: str) -> list[int]:
@@ -60,8 +78,46 @@ def die_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() != int(parent):  # it died before the prctl: no signal will come
+    # our parent is the fork server, which exits when the launcher does; if the launcher is
+    # already gone, that may have happened before the prctl, and no signal will come
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:
         sys.exit(1)
+
+
+def fork_server() -> multiprocessing.context.BaseContext:
+    """The context whose processes are forked from a server that has imported PRELOAD (started
+    here, once per launcher). Python 3.11's fork server ignores the launcher's sys.path, so it
+    finds segcore through PYTHONPATH."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def run_command(argv: list[str], env: dict[str, str], log: str) -> None:
+    """In a forked worker: what `subprocess.Popen([python, *argv], env=env, stdout=log,
+    stderr=log, start_new_session=True)` would run, without starting Python again."""
+    gc.freeze()  # what the server imported: collections skip it instead of walking it
+    os.setsid()  # a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
+    # multiprocessing hands each child the launcher's end of the pipe whose closing stops the
+    # server; closed here, the server exits with the launcher, and the kernel then sends the
+    # workers SIGTERM (die_with_launcher), however the launcher died
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")  # ends in sys.exit(status)
 
 
 def worker_env(index: int, gpus: list[int], threads: int) -> dict[str, str]:
@@ -83,27 +139,24 @@ class Launcher:
         self.gpus = gpus
         self.threads = max(1, (os.cpu_count() or 1) // n_workers)
         self.log_dir = Path("storage") / name
-        self.procs: list[subprocess.Popen | None] = [None] * n_workers
+        self.procs: list[BaseProcess | None] = [None] * n_workers
         self.restarts = [0] * n_workers
         self.printed = float("-inf")
         self.gave_up = False
         self.study = optuna.load_study(study_name=name, storage=open_storage(url))
+        self.context = fork_server()
 
     def start(self, i: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"worker-{i}.log", "a")  # noqa: SIM115 (the child owns it)
-        cmd = [sys.executable, str(ENTRY), "worker", "--study", self.name,
-               "--seed", str(self.worker_seed(i))]  # fmt: skip
+        argv = [str(ENTRY), "worker", "--study", self.name, "--seed", str(self.worker_seed(i))]
         env = worker_env(i, self.gpus, self.threads)
         if self.deadline is not None:  # the search's own, not counted from the worker's start
             env[DEADLINE_ENV] = repr(self.deadline)
         env[STORAGE_ENV] = self.url  # not on the command line, where `ps` shows a password
         env[PARENT_ENV] = str(os.getpid())  # die_with_launcher
-        # own session: a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
-        self.procs[i] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        log.close()
+        log = str((self.log_dir / f"worker-{i}.log").resolve())
+        self.procs[i] = self.context.Process(target=run_command, args=(argv, env, log))
+        self.procs[i].start()
 
     def worker_seed(self, i: int) -> int:
         """A sampler seed not used before in this study: from the launcher's seed, the worker's
@@ -127,6 +180,9 @@ class Launcher:
             self.progress(started, final=True)
             print("stopped: run the same command again to resume", file=sys.stderr)
             return 130
+        except BaseException:  # a bug here: no worker may outlive the launcher's exit
+            self.stop()
+            raise
         self.progress(started, final=True)
         c = counts(self.study)
         if c["complete"] + c["pruned"] < budget(self.study) and self.gave_up:
@@ -151,16 +207,16 @@ class Launcher:
 
     def supervise(self) -> None:
         for i, p in enumerate(self.procs):
-            if p is None or p.poll() is None:
+            if p is None or p.exitcode is None:
                 continue
             self.procs[i] = None
-            if p.returncode == 0:
+            if p.exitcode == 0:
                 continue
-            if p.returncode == GAVE_UP:  # restarting would fail the same way
+            if p.exitcode == GAVE_UP:  # restarting would fail the same way
                 self.gave_up = True
                 continue
             log = self.log_dir / f"worker-{i}.log"
-            print(f"\nworker {i} exited with status {p.returncode} (see {log})", file=sys.stderr)
+            print(f"\nworker {i} exited with status {p.exitcode} (see {log})", file=sys.stderr)
             c = counts(self.study)
             if c["complete"] + c["pruned"] < budget(self.study) and self.restarts[i] < MAX_RESTARTS:
                 self.restarts[i] += 1
@@ -169,16 +225,16 @@ class Launcher:
 
     def stop(self) -> None:
         """Ctrl-C: interrupt every worker (each fails its trial), kill any that hang."""
-        live = [p for p in self.procs if p is not None and p.poll() is None]
+        live = [p for p in self.procs if p is not None and p.exitcode is None]
         for p in live:
-            p.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGINT)
         deadline = time.monotonic() + 25
         for p in live:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+            if p.exitcode is None:
                 p.kill()
-                p.wait()
+                p.join()
         # a killed worker cannot fail its own trial: fail what this machine's killed workers
         # still hold RUNNING (by host and pid: other machines' trials are theirs) and retry it
         host, pids = socket.gethostname(), {p.pid for p in live}

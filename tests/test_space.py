@@ -182,7 +182,7 @@ def test_validation_patch_size_defaults_to_the_largest_patch():
 def test_grid_lists_the_values_a_distribution_can_take():
     """What the space's checks try: every int of a short range (by its step), the ends of a
     long one or of a float range, every choice."""
-    from segcore.space import _grid
+    from segcore.distributions import grid as _grid
 
     assert _grid({"type": "int", "low": 1, "high": 7, "step": 2}) == [1, 3, 5, 7]
     assert _grid({"type": "int", "low": 0, "high": 20_000, "step": 1}) == [0, 20_000]
