@@ -86,21 +86,23 @@ def die_with_launcher() -> None:
         sys.exit(1)
 
 
-def fork_server() -> multiprocessing.context.BaseContext:
-    """The context whose processes are forked from a server that has imported PRELOAD (started
-    here, once per launcher). Python 3.11's fork server ignores the launcher's sys.path, so it
-    finds segcore through PYTHONPATH."""
+def fork_server(preload: list[str] = PRELOAD) -> multiprocessing.context.BaseContext:
+    """The context whose processes are forked from a server that has imported `preload`
+    (started on the first call; the tests start theirs with more). Python 3.11's fork server
+    ignores the launcher's sys.path, so it finds segcore through PYTHONPATH."""
     paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload(preload)
     multiprocessing.forkserver.ensure_running()
     return context
 
 
-def run_command(argv: list[str], env: dict[str, str], log: str) -> None:
-    """In a forked worker: what `subprocess.Popen([python, *argv], env=env, stdout=log,
-    stderr=log, start_new_session=True)` would run, without starting Python again."""
+def run_command(argv: list[str], env: dict[str, str], out: str, err: str | None = None,
+                cwd: str | None = None) -> None:  # fmt: skip
+    """In a forked process: what `subprocess.Popen([python, *argv], env=env, stdout=out,
+    stderr=err or out, cwd=cwd, start_new_session=True)` would run, without starting Python
+    again. `argv[0]` is a Python script (train_optuna.py)."""
     gc.freeze()  # what the server imported: collections skip it instead of walking it
     os.setsid()  # a terminal's Ctrl-C reaches only the launcher, which forwards one SIGINT
     # multiprocessing hands each child the launcher's end of the pipe whose closing stops the
@@ -110,10 +112,12 @@ def run_command(argv: list[str], env: dict[str, str], log: str) -> None:
     if getattr(server, "_forkserver_alive_fd", None) is not None:
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    for target, path in ((1, out), (2, err or out)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    if cwd is not None:
+        os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     sys.argv = list(argv)

@@ -21,6 +21,7 @@ from helpers import (
     Dashboard,
     cli,
     env,
+    start,
     states,
     storage_args,
     tiny_space,
@@ -48,11 +49,9 @@ def workdir(tmp_path_factory):
 
 
 def search_process(workdir, space, study, url, *extra, heartbeat="10,120"):
-    args = [sys.executable, str(ROOT / "train_optuna.py"), "search", "--space", space, "--study",
-            study, "--data", "d", *storage_args(url), "--quiet", "--no-rescore",
-            *map(str, extra)]  # fmt: skip
-    return subprocess.Popen(args, cwd=workdir, env=env(TRAIN_OPTUNA_HEARTBEAT=heartbeat),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return start(workdir, "search", "--space", space, "--study", study, "--data", "d",
+                 *storage_args(url), "--quiet", "--no-rescore", *extra,
+                 TRAIN_OPTUNA_HEARTBEAT=heartbeat)  # fmt: skip
 
 
 def load(workdir, study, url):
@@ -391,3 +390,29 @@ def test_unwritable_storage_is_refused_up_front(workdir, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: --storage: cannot write in {folder} ("), lines
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created
+
+
+GPU_QUERIES = """
+import importlib, torch
+asked = []
+def record(name):
+    return lambda *args, **kwargs: asked.append(name)
+for name in ("is_available", "device_count", "init", "_lazy_init", "current_device"):
+    setattr(torch.cuda, name, record(name))
+if hasattr(torch._C, "_cuda_getDeviceCount"):
+    torch._C._cuda_getDeviceCount = record("_cuda_getDeviceCount")
+from segcore.workers import PRELOAD
+for module in PRELOAD:
+    importlib.import_module(module)
+print(asked)
+"""
+
+
+def test_the_fork_server_asks_nothing_of_the_gpu():
+    """Workers are forked from a server that imported segcore.workers.PRELOAD. A process that has
+    started CUDA cannot hand it to forked children, and each worker starts its own on the GPU it
+    is given (CUDA_VISIBLE_DEVICES): so those imports may not ask torch about GPUs at all."""
+    proc = subprocess.run([sys.executable, "-c", GPU_QUERIES], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
