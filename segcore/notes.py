@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import optuna
-from optuna_dashboard import save_note
 
 from segcore.checkpoints import top_trials
 
@@ -83,6 +82,8 @@ def study_note(study: optuna.Study, record: dict) -> str:
 def write_notes(study: optuna.Study, record: dict) -> None:
     """Notes for the study and every rescored trial, and the rescoring figures as study user
     attributes (one row per trial, which the dashboard's study page shows as a table)."""
+    from optuna_dashboard import save_note  # imported here: it brings scikit-learn and pandas
+
     scores = study.user_attrs.get("full_image_scores") or {}
     trials = study.get_trials(deepcopy=False)
     by_patch = [t.number for t in top_trials(study, len(trials), trials)]

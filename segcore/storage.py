@@ -103,9 +103,14 @@ def check_url(url: str) -> tuple[str, dict[str, Any]]:
     )
 
 
+_SCHEMA_CHECKED: set[str] = set()  # URLs whose schema version this process has checked
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeat and retry of stale trials: SQLite in WAL mode, or PostgreSQL
-    through psycopg 3 (pg8000 breaks past 32767 trials) with a small pool per process."""
+    through psycopg 3 (pg8000 breaks past 32767 trials) with a small pool per process. Optuna
+    checks the schema's version against its own on the first open in a process; later opens of
+    the same URL skip that (it reads alembic's migration scripts from disk each time)."""
     url, kwargs = check_url(url)
     path = sqlite_path(url)
     if path is not None:
@@ -116,9 +121,10 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             raise UserError(f"--storage {url}: cannot open ({e})") from None
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=kwargs,
+                skip_compatibility_check=url in _SCHEMA_CHECKED,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
                 # a killed worker's trial is retried (3 times at most), its reported values kept
@@ -127,6 +133,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                     max_retry=3, inherit_intermediate_values=True
                 ),
             )
+            _SCHEMA_CHECKED.add(url)
+            return storage
         except Exception as e:  # noqa: BLE001 (drivers raise many types for a bad URL or server)
             text = str(e)
             if attempt < 4 and any(race in text.lower() for race in SCHEMA_RACES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -58,11 +59,17 @@ def make_base(tmp: Path) -> None:
     torch.save({"format": Evil()}, tmp / "evil.pt")  # a real torch archive that carries code
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """make_base once; each case gets a copy (a model and images written 83 times took ~2 s)."""
+    folder = tmp_path_factory.mktemp("base")
+    make_base(folder)
+    return folder
+
+
 def data_copy(tmp: Path, name: str) -> Path:
     """A copy of the good data folder, to break."""
-    out = tmp / name
-    write_synthetic(out, 4, 0, 48, 32)
-    return out
+    return Path(shutil.copytree(tmp / "good", tmp / name))
 
 
 def first(folder: Path) -> Path:
@@ -354,8 +361,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("setup,argv,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, setup, argv, message):
-    make_base(tmp_path)
+def test_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, base, setup, argv,
+                                         message):  # fmt: skip
+    shutil.copytree(base, tmp_path, dirs_exist_ok=True)
     if setup:
         setup(tmp_path)
     capsys.readouterr()  # what setting up printed is not the command's output

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import optuna
 import pytest
@@ -46,13 +48,24 @@ SPACE = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def empty_database(tmp_path_factory):
+    """An SQLite file with optuna's tables and no study, which each Run copies: a copy opens in
+    ~0.06 s, where making the tables (and stamping alembic's revision) takes ~0.2 s."""
+    Run.template = tmp_path_factory.mktemp("template") / "empty.db"
+    open_storage(f"sqlite:///{Run.template}").engine.dispose()
+
+
 class Run:
     """A created study on a temporary SQLite file, with its data, store and space."""
+
+    template: Path  # empty_database
 
     def __init__(self, tmp_path, monkeypatch, raw=None, pruner=None):
         monkeypatch.chdir(tmp_path)
         write_synthetic(tmp_path / "d", 5, 0, 48, 32)
         (tmp_path / "storage").mkdir()
+        shutil.copy(Run.template, tmp_path / "storage" / "s.db")
         self.url = f"sqlite:///{tmp_path}/storage/s.db"
         self.space = parse_space(raw or SPACE, "space.yaml")
         data = str(tmp_path / "d")
