@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cli
 from PIL import Image
 
 # real processes: `pytest -m "not slow"` skips them; one xdist worker runs the module, so
@@ -23,6 +24,7 @@ TINY = {"depth": 2, "base_width": 4, "max_width": 16, "patch_size": 32, "batch_s
 
 
 def run(*args, ok=True, cwd=None):
+    """`python train_optuna.py ARGS` started from scratch: the interpreter, every import."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_optuna.py"), *map(str, args)],
@@ -31,6 +33,12 @@ def run(*args, ok=True, cwd=None):
     if ok:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def forked(*args, ok=True, cwd=None):
+    """The same in a process forked from the tests' server (helpers.py), for the commands after
+    the model is made: the fresh interpreter is run by `data` and `train` above."""
+    return cli(cwd or ROOT, *args, check=ok)
 
 
 @pytest.fixture(scope="session")  # once per xdist worker, whatever the test order
@@ -45,13 +53,13 @@ def trained(tmp_path_factory):
 
 
 def test_data_train_evaluate_json(trained):
-    out = run("evaluate", "--model", trained / "m.pt", "--data", trained / "data", "--json")
+    out = forked("evaluate", "--model", trained / "m.pt", "--data", trained / "data", "--json")
     scores = json.loads(out.stdout)
     assert scores["images"] == 5
     assert scores["miou"] == pytest.approx(hand_miou(trained / "m.pt", trained / "data"), abs=1e-9)
     assert set(scores["per_class"]) == {"background", "line", "ellipse"}
     # the model's own test image, from the data folder it recorded (5 images: 3 / 1 / 1)
-    held = json.loads(run("evaluate", "--model", trained / "m.pt", "--json", "--split",
+    held = json.loads(forked("evaluate", "--model", trained / "m.pt", "--json", "--split",
                           "test").stdout)  # fmt: skip
     payload = torch.load(trained / "m.pt", weights_only=True)
     assert held["images"] == 1 and held["split"] == "test"
@@ -89,7 +97,7 @@ def test_model_file_loads_with_weights_only(trained):
 
 
 def test_predict_writes_masks_in_palette_and_overlays(trained):
-    run("predict", "--model", trained / "m.pt", "--images", trained / "data", "--out",
+    forked("predict", "--model", trained / "m.pt", "--images", trained / "data", "--out",
         trained / "pred", "--quiet")  # fmt: skip
     for i in range(5):
         mask = np.array(Image.open(trained / "pred" / f"Img_{i}.png"))
@@ -99,7 +107,7 @@ def test_predict_writes_masks_in_palette_and_overlays(trained):
         overlay = np.array(Image.open(trained / "pred" / f"Img_{i}_overlay.png"))
         assert overlay.std() > 10  # a real picture, not blank
     # a plain folder of images (no masks) works too
-    run("predict", "--model", trained / "m.pt", "--images", trained / "data" / "images",
+    forked("predict", "--model", trained / "m.pt", "--images", trained / "data" / "images",
         "--out", trained / "pred2", "--quiet")  # fmt: skip
     assert len(list((trained / "pred2").glob("*_overlay.png"))) == 5
 
@@ -107,7 +115,7 @@ def test_predict_writes_masks_in_palette_and_overlays(trained):
 def test_train_accepts_best_config_file(trained):
     best = {"config": {**TINY, "epochs": 1}, "study": "s", "trial": 0}
     (trained / "best.json").write_text(json.dumps(best))
-    run("train", "--config", trained / "best.json", "--data", trained / "data", "--out",
+    forked("train", "--config", trained / "best.json", "--data", trained / "data", "--out",
         trained / "m2.pt", "--quiet")  # fmt: skip
     assert torch.load(trained / "m2.pt", weights_only=True)["config"]["epochs"] == 1
 
@@ -136,7 +144,7 @@ def test_errors_are_one_line_exit_2_and_write_nothing(trained, args, message):
     _evil(trained / "evil.pt")
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     quick = ROOT / "search_spaces" / "quick.yaml"
-    proc = run(*[a.format(t=trained, q=quick) for a in args], ok=False, cwd=trained)
+    proc = forked(*[a.format(t=trained, q=quick) for a in args], ok=False, cwd=trained)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr

@@ -173,8 +173,10 @@ def test_timeout_stops_starting_trials_and_still_hands_over(workdir):
     """--timeout: no trial starts after it (running ones stop at an epoch's end: see
     tests/test_study_side.py), and the search still rescores and exports (the final fit is
     the same as without a time limit; --no-final keeps this test short)."""
-    cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d", "--quiet",
-        "--workers", 1, "--n-trials", 2, "--no-rescore")  # fmt: skip
+    url = f"sqlite:///{workdir}/storage/late.db"  # two finished trials first, from one worker
+    (workdir / "storage").mkdir(exist_ok=True)
+    create_study("late", url, load_space(workdir / "short.yaml"), str(workdir / "d"), 2)
+    cli(workdir, "worker", "--study", "late")
     out = cli(workdir, "search", "--space", "short.yaml", "--study", "late", "--data", "d",
               "--quiet", "--workers", 1, "--n-trials", 24, "--timeout", 1, "--no-final")  # fmt: skip
     trials = trials_via_optuna_cli(workdir, "late")
