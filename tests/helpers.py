@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,8 +74,8 @@ class Process:
         if _server is None:  # one thread for torch in the server too, as OMP_NUM_THREADS=1 says
             os.environ["OMP_NUM_THREADS"] = "1"
             _server = fork_server(TEST_PRELOAD)
-        folder = tempfile.mkdtemp(prefix="proc-")
-        self.out, self.err = Path(folder, "out"), Path(folder, "err")
+        self.folder = Path(tempfile.mkdtemp(prefix="proc-"))
+        self.out, self.err = self.folder / "out", self.folder / "err"
         argv = [str(script), *map(str, args)]
         self.proc = _server.Process(
             target=run_command, args=(argv, environ, str(self.out), str(self.err), str(cwd))
@@ -104,7 +105,9 @@ class Process:
 
     def communicate(self, timeout=None):
         self.wait(timeout)
-        return self.out.read_text(), self.err.read_text()
+        out, err = self.out.read_text(), self.err.read_text()
+        shutil.rmtree(self.folder)
+        return out, err
 
 
 def start(cwd, *args, **extra_env) -> Process:
