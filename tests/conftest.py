@@ -46,6 +46,9 @@ def pytest_collection_modifyitems(config, items):
     appending it to `item._nodeid`, which pytest 9.2 no longer reads (pytest-xdist issue #1386;
     seen here: both workers ran test_search.py's search), so each worker sets the suffix on the
     id pytest does read. Without xdist, or where xdist's own renaming works, this does nothing."""
+    # the slow tests first, the many short ones last: those fill the gaps at the end, where a
+    # long search left for last would keep one worker busy while the other waits
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if not hasattr(config, "workerinput") or not hasattr(items[0] if items else None, "_id"):
         return
     from _pytest.nodeid import coerce_node_id
