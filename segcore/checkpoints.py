@@ -18,6 +18,7 @@ from segcore.errors import UserError
 from segcore.files import load_model, save_model
 
 FILENAME = "checkpoint.pt"
+WARM_START = "warm_start"  # user attribute of the enqueued recipe trial (segcore.study)
 
 
 def checkpoints(study: optuna.Study) -> dict[int, tuple[str, str]]:
@@ -34,6 +35,20 @@ def top_trials(study: optuna.Study, k: int, trials: list | None = None) -> list[
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     return sorted(done, key=lambda t: (-t.value, t.number))[:k]
+
+
+def kept_trials(study: optuna.Study, k: int, trials: list | None = None) -> list[FrozenTrial]:
+    """top_trials, then the warm-start trial (the recipe) if it completed outside them. Its
+    checkpoint is kept and it is rescored with them, so that the winner is chosen against it on
+    validation full-image mIoU: the search does not hand over a configuration that validation
+    says is worse than the recipe it started from."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    top = top_trials(study, k, trials)
+    numbers = {t.number for t in top}
+    return top + [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(WARM_START) and t.number not in numbers
+    ]  # fmt: skip
 
 
 def would_be_top(study: optuna.Study, k: int, value: float, number: int) -> bool:
@@ -73,13 +88,14 @@ def load_checkpoint(study: optuna.Study, trial: FrozenTrial, store, device: torc
 
 
 def drop_checkpoints(study: optuna.Study, top_k: int, store) -> None:
-    """Delete checkpoints of trials that can no longer be in the top K (disk stays bounded).
+    """Delete checkpoints of trials that can no longer be in the top K or the warm start
+    (kept_trials), so disk use stays bounded.
     The checkpoints are listed first and the trials read once after: a trial stores its
     checkpoint while RUNNING, so each listed one is seen RUNNING (kept) or finished (judged);
     two reads of the trials could miss one turning from RUNNING to COMPLETE between them."""
     found = checkpoints(study)
     trials = study.get_trials(deepcopy=False)
-    keep = {t._trial_id for t in top_trials(study, top_k, trials)}
+    keep = {t._trial_id for t in kept_trials(study, top_k, trials)}
     keep |= {t._trial_id for t in trials if t.state == TrialState.RUNNING}
     for trial_id, (key, artifact_id) in found.items():
         if trial_id not in keep:

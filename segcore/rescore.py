@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from segcore.artifacts import attach, detach, listed, open_store
-from segcore.checkpoints import checkpoints, load_checkpoint, top_trials
+from segcore.checkpoints import checkpoints, kept_trials, load_checkpoint
 from segcore.data import Dataset
 from segcore.device import pick_device
 from segcore.errors import UserError
@@ -26,13 +26,13 @@ def score(
     name: str, url: str, top_k: int | None = None, progress: bool = True, panels: bool = True,
     device: str | None = None,
 ) -> dict:  # fmt: skip
-    """Stitched full-image mIoU of the top-K trials on the validation images (and their
-    prediction pictures, unless `panels` is false)."""
+    """Stitched full-image mIoU of the top-K trials and the warm start (kept_trials) on the
+    validation images (and their prediction pictures, unless `panels` is false)."""
     study, space = open_study(name, url)
     dev = pick_device(device)
     store = open_store(name)
     found = checkpoints(study)
-    top = [t for t in top_trials(study, top_k or space.top_k) if t._trial_id in found]
+    top = [t for t in kept_trials(study, top_k or space.top_k) if t._trial_id in found]
     if not top:
         raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
     val_set = study_splits(study, space).val

@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.data import dataset_from, load_folder
 from segcore.errors import UserError
@@ -84,7 +85,7 @@ def _create_or_resume(name, storage, space: Space, sources: dict, n_trials: int 
             study.set_user_attr(key, value)
         study.set_user_attr("n_trials", space.n_trials)
         if space.warm_start:  # the reference recipe, once, before any worker starts
-            study.enqueue_trial(warm_start_params(space), skip_if_exists=True)
+            study.enqueue_trial(warm_start_params(space), {WARM_START: True}, skip_if_exists=True)
         stored = space
     if n_trials is not None:
         study.set_user_attr("n_trials", n_trials)

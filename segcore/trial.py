@@ -23,7 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from segcore.checkpoints import store_checkpoint, would_be_top
+from segcore.checkpoints import WARM_START, store_checkpoint, would_be_top
 from segcore.costs import measure, violations
 from segcore.errors import DivergedError, is_out_of_memory
 from segcore.resume import Saver, find_state
@@ -163,7 +163,8 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
     finally:
         record_curves(trial, history, ctx.store)
     trial.set_user_attr("best_epoch", result.best_epoch)
-    if would_be_top(study, ctx.space.top_k, result.best_patch_miou, trial.number):
+    top = would_be_top(study, ctx.space.top_k, result.best_patch_miou, trial.number)
+    if top or trial.user_attrs.get(WARM_START):  # the warm start is always rescored
         extra = {
             "study": study.study_name,
             "trial": trial.number,

@@ -19,6 +19,7 @@ from segcore.artifacts import listed, open_store
 from segcore.checkpoints import (
     checkpoints,
     drop_checkpoints,
+    kept_trials,
     load_checkpoint,
     top_trials,
     would_be_top,
@@ -266,6 +267,27 @@ def test_warm_start_is_the_first_trial_and_tpe_samples_after_it(tmp_path, monkey
         t, _ = run.trial()
         assert t.state == TrialState.COMPLETE and set(t.params) == set(expected)
     assert take_slot(run.study, run.lock) is DONE
+
+
+def test_the_warm_start_is_kept_and_rescored_outside_the_top_k(tmp_path, monkeypatch):
+    """The recipe's trial keeps its checkpoint and is rescored even when its patch mIoU is not
+    in the top K, so that the winner is chosen against it on validation full-image mIoU."""
+    raw = json.loads(json.dumps(SPACE))
+    raw["study"].update({"warm_start": True, "top_k": 1})
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    finished(run.study, [0.999])  # trial 1, no checkpoint: the top 1 by patch mIoU
+    warm, _ = run.trial()  # trial 0, the enqueued recipe
+    assert warm.number == 0 and warm.user_attrs["warm_start"] and warm.value < 0.999
+    assert [t.number for t in top_trials(run.study, 1)] == [1]
+    assert [t.number for t in kept_trials(run.study, 1)] == [1, 0]
+    drop_checkpoints(run.study, 1, run.store)
+    assert set(checkpoints(run.study)) == {warm._trial_id}
+    assert set(score("s", run.url, progress=False, panels=False)) == {"0"}
+    other, _ = run.trial(patch_size=16, lr=0.1)  # neither top nor warm start: no checkpoint
+    assert other.user_attrs.get("warm_start") is None
+    assert set(checkpoints(run.study)) == {warm._trial_id}
+    finished(run.study, [0.0])  # the warm start inside the top 2: listed once
+    assert [t.number for t in kept_trials(run.study, 2)] == [1, 0]
 
 
 def test_test_images_are_read_only_by_the_final_fit(tmp_path, monkeypatch):
