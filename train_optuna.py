@@ -65,11 +65,13 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import os
+
     import torch
 
     from segcore.config import TrialConfig, read_record
     from segcore.data import load_folder
-    from segcore.device import pick_device
+    from segcore.device import PRECISION_ENV, pick_device, precision_for
     from segcore.files import check_output
     from segcore.fit import fit
     from segcore.split import check_test_data, split_dataset
@@ -84,6 +86,11 @@ def cmd_train(args) -> int:
     test_data = args.test_data or record.get("test_data")
     if record.get("threads") and device.type == "cpu":
         torch.set_num_threads(record["threads"])  # CPU results depend on the thread count
+    if record.get("precision") and PRECISION_ENV not in os.environ:
+        if record["precision"] != precision_for(device):  # CPU results depend on it too
+            print(f"note: computing in {record['precision']}, as {args.config} records, not "
+                  f"{precision_for(device)}", file=sys.stderr)  # fmt: skip
+        os.environ[PRECISION_ENV] = record["precision"]
     if data and not args.data:
         print(f"note: no --data given; using {data} from {args.config}", file=sys.stderr)
     dataset = load_data(data)
@@ -179,20 +186,18 @@ def cmd_predict(args) -> int:
 
     from segcore.data import colorize
     from segcore.files import atomic_write, check_output
-    from segcore.infer import predict_probs, prepare
+    from segcore.infer import stitched
     from segcore.pictures import prediction_panel
     from segcore.progress import progress
 
     check_output(args.out, "--out", folder=True)
     model, meta, dataset = _model_and_data(args, args.images)
-    model = prepare(model, next(model.parameters()).device)
     cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
     out = Path(args.out)
     n = len(dataset.images)
-    for i in progress(range(n), n, "predict", "images", enabled=not args.quiet):
-        image, name = dataset.images[i], dataset.names[i]
-        probs = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
-                              gaussian=cfg.gaussian, tta=cfg.tta).cpu().numpy()  # fmt: skip
+    each = enumerate(stitched(model, dataset.images, cfg))
+    for i, probs in progress(each, n, "predict", "images", enabled=not args.quiet):
+        image, name, probs = dataset.images[i], dataset.names[i], probs.cpu().numpy()
         labels = probs.argmax(0)
         mask = Image.fromarray(colorize(labels, palette))
         atomic_write(out / f"{name}.png", lambda tmp, m=mask: m.save(tmp, format="png"))
