@@ -141,7 +141,7 @@ class TrialConfig:
 
 def read_record(path: str | Path) -> dict[str, Any]:
     """What an exported best-config file records beside its config (data folders, split,
-    threads); {} for a bare config. Call after TrialConfig.load, which checks the file."""
+    threads, precision); {} for a bare config. Call after TrialConfig.load, which checks the file."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data.get("config"), dict):
         return {}
@@ -153,6 +153,8 @@ def read_record(path: str | Path) -> dict[str, Any]:
         type(record["threads"]) is int and record["threads"] >= 1
     ):
         raise UserError(f"{path}: 'threads' must be a positive integer or null")
+    if record.get("precision") not in (None, "bf16", "fp32"):
+        raise UserError(f"{path}: 'precision' must be bf16, fp32 or null")
     return record
 
 

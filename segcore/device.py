@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -11,9 +12,12 @@ from segcore.errors import UserError
 
 def pick_device(name: str | None = None) -> torch.device:
     """CUDA when present, else the CPU; `name` ('auto', 'cpu', 'cuda', 'cuda:N') overrides.
-    Every path that runs a model (train, rescoring, final fit, evaluate, predict) takes it here."""
+    Every path that runs a model (train, rescoring, final fit, evaluate, predict) takes it here,
+    and a bad TRAIN_OPTUNA_PRECISION is an error here, before anything runs."""
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision_for(device)
+        return device
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -26,13 +30,39 @@ def pick_device(name: str | None = None) -> torch.device:
             raise UserError(f"--device {name}: no CUDA device is visible on this machine")
         if (device.index or 0) >= count:
             raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
+    precision_for(device)
     return device
 
 
+PRECISION_ENV = "TRAIN_OPTUNA_PRECISION"  # auto (the default), bf16 or fp32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it bf16 autocast is
+    emulated and 4-14x slower than float32 (measured on AVX2 cores, docs/benchmarks.md)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def precision_for(device: torch.device) -> str:
+    """'bf16' or 'fp32': the precision every model runs in on `device`, training and inference
+    alike. bf16 autocast on CUDA, and on CPUs that compute bf16 natively, where it measured
+    1.7-2.0x float32 for training and inference with the same test mIoU (docs/benchmarks.md);
+    float32 elsewhere. TRAIN_OPTUNA_PRECISION=bf16|fp32 overrides it (`train --config best.json`
+    sets it to best.pt's, so a retraining computes as the original did)."""
+    wanted = os.environ.get(PRECISION_ENV, "auto")
+    if wanted not in ("auto", "bf16", "fp32"):
+        raise UserError(f"{PRECISION_ENV}={wanted!r}: use auto, bf16 or fp32")
+    if wanted != "auto":
+        return wanted
+    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+
+
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; nothing on the CPU, where bf16 is slower for these convolutions."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where precision_for says bf16; nothing (float32) otherwise."""
+    if precision_for(device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -41,8 +71,7 @@ def memory_format_for(device: torch.device) -> torch.memory_format:
     channels_last everywhere. On CUDA it lets cuDNN pick its fastest kernels; on this project's
     CPU machine it measured faster too (docs/benchmarks.md: bench/infer.py 1.15-1.29x for stitched
     inference, bench/train.py 1.14x for the CPU recipe's training step, level for the smallest
-    quick-space models). bf16 stays CUDA-only (segcore.device.autocast_for): the machine here has
-    no bf16 instructions (AVX2), where bf16 autocast made a training step 4-14 times slower."""
+    quick-space models)."""
     return torch.channels_last
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from segcore.config import TrialConfig
+from segcore.device import precision_for
 from segcore.files import save_model
 from segcore.infer import evaluate
 from segcore.model import build_model
@@ -45,6 +46,7 @@ def fit(
         "history": result.history,
         "threads": torch.get_num_threads(),
         "device": device.type,
+        "precision": precision_for(device),
     }
     save_model(out, result.state_dict, cfg, in_channels=splits.train.channels,
                classes=splits.train.classes, palette=splits.train.palette, extra=extra)  # fmt: skip

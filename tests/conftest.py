@@ -20,6 +20,13 @@ def _admin(url: str):
     return psycopg.connect(plain, autocommit=True, connect_timeout=10)
 
 
+@pytest.fixture
+def fp32(monkeypatch):
+    """Models compute in float32 (segcore.device.precision_for), for tests of exact numerics:
+    on a CPU with native bf16 they would otherwise run under bf16 autocast."""
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp32")
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     if not BASE:

@@ -44,6 +44,7 @@ def workdir(tmp_path_factory):
     (tmp / "slow.yaml").write_text(tiny_space(10, 30))
     # never pruned: a trial cannot end on its own in the moment the test interrupts it
     (tmp / "long.yaml").write_text(tiny_space(10, 30, pruner="none"))
+    (tmp / "endless.yaml").write_text(tiny_space(500, 30, pruner="none"))  # killed, never done
     (tmp / "short.yaml").write_text(tiny_space(3, 2, 24))
     return tmp
 
@@ -144,15 +145,16 @@ def test_interrupt_stops_workers_leaves_nothing_running_and_resumes(workdir, sig
 def test_killing_the_launcher_stops_its_workers(workdir):
     """SIGKILL to `search` (no chance to clean up): its workers get SIGTERM from the kernel
     and stop within seconds, leaving their trials failed with a retry, to resume later."""
-    proc = search_process(workdir, "long.yaml", "orphans", None, "--workers", 2, "--n-trials", 2)
+    proc = search_process(workdir, "endless.yaml", "orphans", None, "--workers", 2, "--n-trials",
+                          2)  # fmt: skip
     running = wait_running(workdir, "orphans", None,
                            lambda ts: len(ts) == 2 and all("pid" in t.user_attrs for t in ts))  # fmt: skip
     pids = {t.user_attrs["pid"] for t in running}
     proc.kill()
     proc.communicate(timeout=30)
     # seconds when the machine is idle; CI's 2 busy cores once took over 10 s (stop 16), so the
-    # limit is 30 s: a worker that ignored its launcher's death would instead finish its trial,
-    # COMPLETE, which the state check below tells apart
+    # limit is 30 s: a worker that ignored its launcher's death would instead go on training,
+    # RUNNING, which the state check below tells apart
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.2)

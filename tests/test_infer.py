@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,7 @@ def test_every_pixel_covered_and_probabilities_sum_to_one(model):
     assert torch.allclose(probs.sum(0), torch.ones(70, 45), atol=1e-5)
 
 
+@pytest.mark.usefixtures("fp32")
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
 def test_matches_monai_sliding_window(model, mode):
     """MONAI's sliding_window_inference is an independent stitcher: with the same tile offsets
@@ -59,6 +62,7 @@ def test_matches_monai_sliding_window(model, mode):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
+@pytest.mark.usefixtures("fp32")
 def test_prepared_model_gives_the_plain_models_outputs():
     """Batch norm folded into the convolutions, in the inference layout: within 1e-4 of the
     plain model in eval mode, with batch norm statistics far from the identity."""
@@ -90,6 +94,7 @@ def test_gaussian_tta_and_small_image(model):
     assert torch.allclose(probs.sum(0), torch.ones(20, 12), atol=1e-5)
 
 
+@pytest.mark.usefixtures("fp32")
 def test_tta_is_flip_equivariant(model):
     image = np.random.RandomState(3).randn(64, 64, 1).astype(np.float32)
     a = predict_probs(model, image, tile=32, tta=True)
@@ -213,3 +218,50 @@ def test_evaluate_reports_progress_and_null_for_an_absent_class(model, capsys):
     assert "score: 3/3 images (100%)" in capsys.readouterr().err
     evaluate(model4, data, TrialConfig(patch_size=32, depth=1, tile_size=16))
     assert capsys.readouterr().err == ""  # quiet unless asked
+
+
+def test_precision_is_bf16_where_the_cpu_has_it_and_the_variable_overrides_it(monkeypatch):
+    from segcore import device as dev
+    from segcore.errors import UserError
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("TRAIN_OPTUNA_PRECISION", raising=False)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(dev, "cpu_has_bf16", lambda native=native: native)
+        assert dev.precision_for(cpu) == expected
+        assert isinstance(dev.autocast_for(cpu), torch.autocast) == (expected == "bf16")
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "bf16")
+    assert dev.precision_for(cpu) == "bf16"
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: True)
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp32")
+    assert dev.precision_for(cpu) == "fp32" and not isinstance(
+        dev.autocast_for(cpu), torch.autocast
+    )
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp16")
+    with pytest.raises(UserError, match="TRAIN_OPTUNA_PRECISION='fp16': use auto, bf16 or fp32"):
+        dev.pick_device("cpu")
+
+
+def test_a_bad_precision_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from train_optuna import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "cpu-shapes.json"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "half")
+    assert main(["train", "--config", str(config), "--out", "x.pt"]) == 2
+    assert capsys.readouterr().err == (
+        "error: TRAIN_OPTUNA_PRECISION='half': use auto, bf16 or fp32\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_stitching_stays_close_to_float32(model, monkeypatch):
+    """Under bf16 autocast the probabilities move by bf16 rounding, not more: the labels of
+    nearly every pixel stay the same."""
+    image = np.random.RandomState(9).randn(96, 80, 1).astype(np.float32)
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp32")
+    a = predict_probs(model, image, tile=32, gaussian=True, tta=True)
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "bf16")
+    b = predict_probs(model, image, tile=32, gaussian=True, tta=True)
+    assert 0 < (a - b).abs().max() < 0.05
+    assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.98

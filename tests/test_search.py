@@ -74,7 +74,8 @@ def test_scores_best_json_and_best_pt(searched):
     assert str(best["trial"]) in scores
     assert best["validation"]["full_image_miou"] == max(s["miou"] for s in scores.values())
     assert set(best) >= {"config", "study", "trial", "data", "test_data", "split", "seed",
-                         "threads", "validation", "test", "model", "params", "versions"}  # fmt: skip
+                         "threads", "precision", "validation", "test", "model", "params",
+                         "versions"}  # fmt: skip
     assert best["data"] == str((searched / "d").resolve()) and best["threads"] == 1
     assert [len(best["split"][k]) for k in ("train", "validation", "test")] == [4, 1, 1]
     # best.pt is the final model: evaluate scores its test image to the figure in best.json
@@ -95,6 +96,18 @@ def test_train_with_best_json_reproduces_best_pt(searched, tmp_path):
     again = torch.load(tmp_path / "re.pt", weights_only=True)["extra"]
     assert abs(again["test"]["miou"] - best["test"]["miou"]) <= 0.002, (again["test"], best)
     assert again["split"] == best["split"]
+
+
+def test_train_computes_in_the_precision_best_json_records(searched, tmp_path):
+    """CPU results depend on the precision: a retraining follows the record, and says so when
+    this machine would have chosen the other one."""
+    best = json.loads((searched / "reports" / "s" / "best.json").read_text())
+    other = {"bf16": "fp32", "fp32": "bf16"}[best["precision"]]
+    (tmp_path / "other.json").write_text(json.dumps({**best, "precision": other}))
+    out = cli(searched, "train", "--config", tmp_path / "other.json", "--out", tmp_path / "o.pt",
+              "--epochs", 1, "--quiet")  # fmt: skip
+    assert f"note: computing in {other}, as {tmp_path / 'other.json'} records, not " in out.stderr
+    assert torch.load(tmp_path / "o.pt", weights_only=True)["extra"]["precision"] == other
 
 
 def test_resume_tops_up_to_the_budget(searched, tmp_path):

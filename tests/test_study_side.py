@@ -24,6 +24,7 @@ from segcore.checkpoints import (
     top_trials,
     would_be_top,
 )
+from segcore.device import precision_for
 from segcore.errors import UserError
 from segcore.final import export, final_fit
 from segcore.rescore import score
@@ -348,6 +349,7 @@ def test_final_fit_and_export_model(tmp_path, monkeypatch):
     best = json.loads((tmp_path / "reports" / "s" / "best.json").read_text())
     assert best["test"] == done["test"] and best["config"]["epochs"] == 3
     assert best["threads"] == torch.get_num_threads() and best["model"] == "reports/s/best.pt"
+    assert best["precision"] == done["precision"] == precision_for(CPU)
     model, payload = load_model(tmp_path / "reports" / "s" / "best.pt", CPU)
     assert payload["extra"]["split"] == run.study.user_attrs["split"]
     # export --model: the winner trial's own checkpoint, the same predictions
