@@ -14,7 +14,8 @@ Wall times are only comparable within one run.
 
     python bench/search.py [--space search_spaces/quick.yaml] [--n-trials 24] [--seeds 0 1 2]
                            [--pruner '{name: median, args: {...}}' ...] [--final-budget trial]
-                           [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning] [--skip-samplers]
+                           [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning] [--skip-space-pruner]
+                           [--skip-samplers]
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def time_to(target: float, full_at: dict) -> float:
 
 
 def pruning(raw: dict, args) -> None:
-    variants = {f"{raw['study']['pruner']['name']} (the space's)": raw["study"]["pruner"]}
+    variants = {}
+    if not args.skip_space_pruner:
+        variants[f"{raw['study']['pruner']['name']} (the space's)"] = raw["study"]["pruner"]
     for spec in args.pruner:
         variants[f"{spec['name']} {spec.get('args', {})}"] = spec
     variants["none"] = {"name": "none"}
@@ -189,6 +192,8 @@ def main() -> None:
     parser.add_argument("--final-budget", choices=("trial", "space"), default="trial")
     parser.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
     parser.add_argument("--skip-pruning", action="store_true")
+    parser.add_argument("--skip-space-pruner", action="store_true",
+                        help="compare only the --pruner variants with none")  # fmt: skip
     parser.add_argument("--skip-samplers", action="store_true")
     args = parser.parse_args()
     args.data = str(Path(args.data).resolve()) if args.data else None  # studies run elsewhere

@@ -1,12 +1,13 @@
 """Benchmark: the training step against the device's FLOP limit, by layout, and what the data
 pipeline costs.
 
-1. The device's limit: the best of several large float32 matrix products, timed in this run.
+1. The device's limits: the best of several large matrix products in float32 and, where
+   `train` computes in bf16 (segcore.device.precision_for), in bf16, timed in this run.
 2. For the model shapes of the shipped spaces (the CPU recipe, the quick space's corners), the
    training step (model + loss + optimizer) on ready-made tensors, in the plain (NCHW) and the
-   channels_last layout: patches/s, and achieved FLOP/s as a share of the limit (the model's
-   forward + backward FLOP per patch counted by torch's FlopCounterMode). The layout `train`
-   uses on this device (segcore.device) is marked.
+   channels_last layout, in float32 and (where used) bf16 autocast: patches/s, and achieved
+   FLOP/s as a share of the limit of its precision (the model's forward + backward FLOP per
+   patch counted by torch's FlopCounterMode). What `train` uses on this device is marked.
 3. The full step `train` runs for the CPU recipe: batchgenerators loader + augmentation
    (strength 0, 0.5, 1; in-process or in worker processes) + the step, against (2).
 
@@ -16,6 +17,7 @@ pipeline costs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.config import TrialConfig
-from segcore.device import autocast_for, memory_format_for
+from segcore.device import PRECISION_ENV, autocast_for, memory_format_for, precision_for
 from segcore.model import build_model
 from segcore.patches import train_batches
 from segcore.synthetic import synthetic_dataset
@@ -92,12 +94,13 @@ def flops_per_patch(cfg) -> float:
     return counter.get_total_flops() / 2
 
 
-def matmul_flops(device, sizes=(1024, 2048, 3072), repeats: int = 5) -> tuple[float, int]:
-    """(FLOP/s, n): the best of float32 n x n matrix products on this device, the practical
-    limit a convolution network's training step is measured against."""
+def matmul_flops(device, dtype, sizes=(1024, 2048, 3072), repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s, n): the best of n x n matrix products in `dtype` on this device, the practical
+    limit a convolution network's training step in that precision is measured against."""
     best = (0.0, 0)
     for n in sizes:
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b
         for _ in range(repeats):
             sync(device)
@@ -125,27 +128,34 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     recipe = TrialConfig.load(RECIPE)
-    peak, n = matmul_flops(device)
+    used, precision = memory_format_for(device), precision_for(device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    precisions = ["fp32", "bf16"] if precision == "bf16" else ["fp32"]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; median of "
-          f"{args.repeats} x {args.steps} steps")  # fmt: skip
-    print(f"  the limit: {peak / 1e9:.1f} GFLOP/s, the best float32 {n}^2 matrix product\n")
-    used = memory_format_for(device)
-    print(f"  {'model, on ready-made tensors':<32}{'layout':<16}{'patches/s':>10}{'GFLOP/s':>9}"
-          f"{'of limit':>9}")  # fmt: skip
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, train computes in "
+          f"{precision}; median of {args.repeats} x {args.steps} steps")  # fmt: skip
+    peaks = {}
+    for p in precisions:
+        peaks[p], n = matmul_flops(device, dtypes[p])
+        print(f"  the {p} limit: {peaks[p] / 1e9:.1f} GFLOP/s, the best {p} {n}^2 matrix product")
+    print(f"\n  {'model, on ready-made tensors':<32}{'layout, precision':<24}{'patches/s':>10}"
+          f"{'GFLOP/s':>9}{'of limit':>9}")  # fmt: skip
     ceiling = None
     for name, fields in SHAPES.items():
         cfg = TrialConfig.from_dict({**recipe.to_dict(), **fields})
         flops = flops_per_patch(cfg)
         for layout, label in ((torch.contiguous_format, "NCHW"),
                               (torch.channels_last, "channels_last")):  # fmt: skip
-            rate = step_rate(cfg, device, ready_made(cfg, device), args.steps, args.repeats,
-                             layout)  # fmt: skip
-            mark = " (train)" if layout == used else ""
-            print(f"  {name:<32}{label + mark:<16}{rate:>10.1f}{flops * rate / 1e9:>9.1f}"
-                  f"{flops * rate / peak:>9.0%}")  # fmt: skip
-            if not fields and layout == used:
-                ceiling = rate
+            for p in precisions:
+                os.environ[PRECISION_ENV] = p  # what autocast_for reads
+                rate = step_rate(cfg, device, ready_made(cfg, device), args.steps,
+                                 args.repeats, layout)  # fmt: skip
+                mark = " (train)" if (layout, p) == (used, precision) else ""
+                print(f"  {name:<32}{f'{label}, {p}{mark}':<24}{rate:>10.1f}"
+                      f"{flops * rate / 1e9:>9.1f}{flops * rate / peaks[p]:>9.0%}")  # fmt: skip
+                if not fields and mark:
+                    ceiling = rate
+    os.environ[PRECISION_ENV] = precision
     data = synthetic_dataset(40, seed=3)
     print(f"\n  {'CPU recipe, full step: input pipeline':<48}{'patches/s':>10}{'of step':>9}")
     for strength in (0.0, 0.5, 1.0):
