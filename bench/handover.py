@@ -78,7 +78,7 @@ def main() -> None:
     classes = list(ours["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
           f"{len(split['test'])} test images; both trained on {best['config']['train_on']}")  # fmt: skip
-    print(f"  {'model':<44}{'test mIoU':>10}" + "".join(f"{c:>10}" for c in classes)
+    print(f"  {'model':<44}{'test mIoU':>10}" + "".join(f"{c:>11}" for c in classes)
           + f"{'wall s':>9}")  # fmt: skip
     rows = [(f"search: best.pt (trial {best['trial']})", ours, walls.get("search")),
             ("recipe: configs/cpu-shapes.json", theirs, walls.get("recipe"))]  # fmt: skip
@@ -88,7 +88,7 @@ def main() -> None:
 
     for label, s, wall in rows:
         print(f"  {label:<44}{cell(s['miou'], 10, '.4f')}"
-              + "".join(cell(s["per_class"][c], 10, ".4f") for c in classes)
+              + "".join(cell(s["per_class"][c], 11, ".4f") for c in classes)
               + cell(wall, 9, ".0f"))  # fmt: skip
     print(f"  search minus recipe: {ours['miou'] - theirs['miou']:+.4f} test mIoU")
 

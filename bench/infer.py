@@ -7,7 +7,8 @@ time and the number of images after which it has paid for itself (the product do
 on the project's CPU it did not pay, docs/benchmarks.md).
 MONAI's sliding_window_inference and the per-tile loop get the plain model in eval mode, in our
 precision (segcore.device.precision_for: bf16 autocast on CUDA and on CPUs with native bf16);
-where that is bf16, MONAI also runs in float32, as a user would call it without autocast. Prints median milliseconds per 400x200 image (over --repeats runs) and ratios
+where that is bf16, MONAI also runs in float32, as a user would call it without autocast.
+Prints median milliseconds per 400x200 image (over --repeats runs) and ratios
 measured in this same run; the shared, noisy machines make absolute numbers meaningless across
 runs.
 
@@ -183,7 +184,8 @@ def main() -> None:
         for name, secs in rows:
             print(f"  {name:<42}{secs * 1000:>10.1f}{secs / t_ours:>12.2f}x")
         print(f"  speed-up vs MONAI as a user calls it {t_user / t_ours:.2f}x (target >= 1.5), "
-              f"vs MONAI in our precision {monai_times[best_b] / t_ours:.2f}x, vs per-tile loop {t_loop / t_ours:.2f}x (target >= 3 at width 16), stitching "
+              f"vs MONAI in our precision {monai_times[best_b] / t_ours:.2f}x, vs per-tile loop "
+              f"{t_loop / t_ours:.2f}x (target >= 3 at width 16), stitching "
               f"overhead {(t_ours - t_fwd) / t_fwd * 100:.1f} % of the forward pass")  # fmt: skip
         if fast is not None:
             t_fast = t["compiled"]

@@ -14,8 +14,8 @@ Wall times are only comparable within one run.
 
     python bench/search.py [--space search_spaces/quick.yaml] [--n-trials 24] [--seeds 0 1 2]
                            [--pruner '{name: median, args: {...}}' ...] [--final-budget trial]
-                           [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning] [--skip-space-pruner]
-                           [--skip-samplers]
+                           [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning]
+                           [--skip-space-pruner] [--skip-samplers]
 """
 
 from __future__ import annotations

@@ -45,10 +45,8 @@ def kept_trials(study: optuna.Study, k: int, trials: list | None = None) -> list
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     top = top_trials(study, k, trials)
     numbers = {t.number for t in top}
-    return top + [
-        t for t in trials
-        if t.state == TrialState.COMPLETE and t.user_attrs.get(WARM_START) and t.number not in numbers
-    ]  # fmt: skip
+    warm = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(WARM_START)]
+    return top + [t for t in warm if t.number not in numbers]
 
 
 def would_be_top(study: optuna.Study, k: int, value: float, number: int) -> bool:

@@ -141,7 +141,7 @@ class TrialConfig:
 
 def read_record(path: str | Path) -> dict[str, Any]:
     """What an exported best-config file records beside its config (data folders, split,
-    threads, precision); {} for a bare config. Call after TrialConfig.load, which checks the file."""
+    threads, precision); {} for a bare config. Call after TrialConfig.load, which checks it."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data.get("config"), dict):
         return {}

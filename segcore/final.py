@@ -39,8 +39,8 @@ def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
 
 def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
     """best.json: what `train --config` needs to reproduce best.pt (the final config, the data
-    folders, the split, the seed, the thread count, the precision), the winner's validation figures, and the
-    final model's test figures once it is fitted."""
+    folders, the split, the seed, the thread count, the precision), the winner's validation
+    figures, and the final model's test figures once it is fitted."""
     trial, best = winner(study)
     final = study.user_attrs.get("final") or {}
     fitted = final.get("trial") == trial.number
@@ -100,7 +100,8 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
                progress=progress)  # fmt: skip
     study.set_user_attr("final", {
         "trial": trial.number, "test": done["test"], "threads": done["threads"],
-        "device": done["device"], "precision": done["precision"], "train_on": done["train_on"], "kept_epoch": done["kept_epoch"],
+        "device": done["device"], "precision": done["precision"], "train_on": done["train_on"],
+        "kept_epoch": done["kept_epoch"],
     })  # fmt: skip
     export(name, url)
     return done
