@@ -10,12 +10,14 @@ rescored top K) is trained once more (`--final-budget trial`: with its trial's o
 `space`: with the space's final: section) on the study's split and scored on its test images;
 the same winning config is fitted once. Part 2 runs TPE and random sampling, rescoring every
 completed trial, so that the moment each sampler first finished a trial at a target is known.
+Part 3 (--precisions fp32 bf16) runs the space as it is (warm start and pruner included), on the
+first seed, once in each precision (TRAIN_OPTUNA_PRECISION), and prints trials and epochs per hour.
 Wall times are only comparable within one run.
 
     python bench/search.py [--space search_spaces/quick.yaml] [--n-trials 24] [--seeds 0 1 2]
                            [--pruner '{name: median, args: {...}}' ...] [--final-budget trial]
                            [--targets 0.95 0.96 0.97] [--workers 2] [--skip-pruning]
-                           [--skip-space-pruner] [--skip-samplers]
+                           [--skip-space-pruner] [--skip-samplers] [--precisions fp32 bf16]
 """
 
 from __future__ import annotations
@@ -180,6 +182,27 @@ def samplers(raw: dict, args) -> None:
             print(f"  {'':<16}TPE's median time to {target} is {ratio:.2f}x random's")
 
 
+def precisions(raw: dict, args) -> None:
+    from segcore.device import PRECISION_ENV
+
+    print(f"\nTrials per hour by precision: the space as it is, {args.n_trials} trials, "
+          f"{args.workers} workers, seed {args.seeds[0]}")  # fmt: skip
+    before = os.environ.get(PRECISION_ENV)
+    for precision in args.precisions:
+        os.environ[PRECISION_ENV] = precision  # the workers inherit it
+        r = run_study(raw, f"tph-{precision}", args.n_trials, args.workers, args.seeds[0], False,
+                      args.data)  # fmt: skip
+        st = r["states"]
+        print(f"  {precision:<6}{st['COMPLETE']:>3} complete, {st['PRUNED']:>2} pruned, "
+              f"{r['epochs']:>4} epochs in {r['wall']:>4.0f} s: "
+              f"{(st['COMPLETE'] + st['PRUNED']) * 3600 / r['wall']:>4.0f} trials/h, "
+              f"{r['epochs'] * 3600 / r['wall']:>5.0f} epochs/h")  # fmt: skip
+    if before is None:
+        os.environ.pop(PRECISION_ENV)
+    else:
+        os.environ[PRECISION_ENV] = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "quick.yaml"))
@@ -195,6 +218,8 @@ def main() -> None:
     parser.add_argument("--skip-space-pruner", action="store_true",
                         help="compare only the --pruner variants with none")  # fmt: skip
     parser.add_argument("--skip-samplers", action="store_true")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=[],
+                        help="part 3: trials per hour in each precision")  # fmt: skip
     args = parser.parse_args()
     args.data = str(Path(args.data).resolve()) if args.data else None  # studies run elsewhere
     warnings.filterwarnings("ignore")
@@ -210,6 +235,8 @@ def main() -> None:
         pruning(raw, args)
     if not args.skip_samplers:
         samplers(raw, args)
+    if args.precisions:
+        precisions(raw, args)
 
 
 if __name__ == "__main__":
