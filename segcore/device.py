@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 
@@ -37,6 +38,7 @@ def pick_device(name: str | None = None) -> torch.device:
 PRECISION_ENV = "TRAIN_OPTUNA_PRECISION"  # auto (the default), bf16 or fp32
 
 
+@functools.cache  # asked on every training step and tile batch; the CPU does not change
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); without it bf16 autocast is
     emulated and 4-14x slower than float32 (measured on AVX2 cores, docs/benchmarks.md)."""

@@ -59,8 +59,8 @@ def stitched(model: torch.nn.Module, images: Sequence[np.ndarray], cfg) -> Itera
     """Probabilities (K, H, W) of each image in turn, with the model prepared once (prepare):
     the one loop of rescoring, the final fit's scoring, `evaluate` and `predict`.
     torch.compile is not used: on the project's CPU (AVX-512 with bf16) the compiled prepared
-    model measured 1.02-1.05x the eager one after 10-14 s of compiling, which pays only after
-    400-3700 images (docs/benchmarks.md)."""
+    model measured 1.00-1.05x the eager one after 10-23 s of compiling, which would pay only
+    after thousands of images (docs/benchmarks.md, bench/infer.py --compiled)."""
     model = prepare(model, next(model.parameters()).device)
     for image in images:
         yield predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
