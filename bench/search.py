@@ -183,24 +183,19 @@ def samplers(raw: dict, args) -> None:
 
 
 def precisions(raw: dict, args) -> None:
-    from segcore.device import PRECISION_ENV
+    from segcore.device import computing_in
 
     print(f"\nTrials per hour by precision: the space as it is, {args.n_trials} trials, "
           f"{args.workers} workers, seed {args.seeds[0]}")  # fmt: skip
-    before = os.environ.get(PRECISION_ENV)
     for precision in args.precisions:
-        os.environ[PRECISION_ENV] = precision  # the workers inherit it
-        r = run_study(raw, f"tph-{precision}", args.n_trials, args.workers, args.seeds[0], False,
-                      args.data)  # fmt: skip
+        with computing_in(precision):
+            r = run_study(raw, f"tph-{precision}", args.n_trials, args.workers, args.seeds[0],
+                          False, args.data)  # fmt: skip
         st = r["states"]
         print(f"  {precision:<6}{st['COMPLETE']:>3} complete, {st['PRUNED']:>2} pruned, "
               f"{r['epochs']:>4} epochs in {r['wall']:>4.0f} s: "
               f"{(st['COMPLETE'] + st['PRUNED']) * 3600 / r['wall']:>4.0f} trials/h, "
               f"{r['epochs'] * 3600 / r['wall']:>5.0f} epochs/h")  # fmt: skip
-    if before is None:
-        os.environ.pop(PRECISION_ENV)
-    else:
-        os.environ[PRECISION_ENV] = before
 
 
 def main() -> None:

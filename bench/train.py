@@ -17,7 +17,6 @@ pipeline costs.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.config import TrialConfig
-from segcore.device import PRECISION_ENV, autocast_for, memory_format_for, precision_for
+from segcore.device import autocast_for, computing_in, memory_format_for, precision_for
 from segcore.model import build_model
 from segcore.patches import train_batches
 from segcore.synthetic import synthetic_dataset
@@ -147,15 +146,14 @@ def main() -> None:
         for layout, label in ((torch.contiguous_format, "NCHW"),
                               (torch.channels_last, "channels_last")):  # fmt: skip
             for p in precisions:
-                os.environ[PRECISION_ENV] = p  # what autocast_for reads
-                rate = step_rate(cfg, device, ready_made(cfg, device), args.steps,
-                                 args.repeats, layout)  # fmt: skip
+                with computing_in(p):
+                    rate = step_rate(cfg, device, ready_made(cfg, device), args.steps,
+                                     args.repeats, layout)  # fmt: skip
                 mark = " (train)" if (layout, p) == (used, precision) else ""
                 print(f"  {name:<32}{f'{label}, {p}{mark}':<24}{rate:>10.1f}"
                       f"{flops * rate / 1e9:>9.1f}{flops * rate / peaks[p]:>9.0%}")  # fmt: skip
                 if not fields and mark:
                     ceiling = rate
-    os.environ[PRECISION_ENV] = precision
     data = synthetic_dataset(40, seed=3)
     print(f"\n  {'CPU recipe, full step: input pipeline':<48}{'patches/s':>10}{'of step':>9}")
     for strength in (0.0, 0.5, 1.0):

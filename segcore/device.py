@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -59,6 +59,21 @@ def precision_for(device: torch.device) -> str:
     if wanted != "auto":
         return wanted
     return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+
+
+@contextmanager
+def computing_in(precision: str):
+    """Models compute in `precision` ('bf16' or 'fp32') inside the block, in this process and in
+    the worker processes it starts (they inherit the variable); as before after it."""
+    before = os.environ.get(PRECISION_ENV)
+    os.environ[PRECISION_ENV] = precision
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PRECISION_ENV, None)
+        else:
+            os.environ[PRECISION_ENV] = before
 
 
 def autocast_for(device: torch.device):

@@ -237,6 +237,9 @@ def test_precision_is_bf16_where_the_cpu_has_it_and_the_variable_overrides_it(mo
     assert dev.precision_for(cpu) == "fp32" and not isinstance(
         dev.autocast_for(cpu), torch.autocast
     )
+    with dev.computing_in("bf16"):  # the benchmarks' switch: set inside, as before after
+        assert dev.precision_for(cpu) == "bf16"
+    assert dev.precision_for(cpu) == "fp32"
     monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp16")
     with pytest.raises(UserError, match="TRAIN_OPTUNA_PRECISION='fp16': use auto, bf16 or fp32"):
         dev.pick_device("cpu")
