@@ -96,7 +96,7 @@ def cmd_train(args) -> int:
     dataset = load_data(data)
     test = None
     if test_data:
-        test = load_folder(test_data)
+        test = load_folder(test_data, dataset.labels)
         check_test_data(dataset, test, "--test-data" if args.test_data else str(args.config))
     splits = split_dataset(dataset, cfg, test)
     if record.get("split") and record["split"] != splits.names():
@@ -116,14 +116,15 @@ def cmd_train(args) -> int:
 
 
 def _model_and_data(args, folder: str | None, part: str | None = None):
-    """(model, model-file payload, images): `folder`; with `part` (train, validation, test) only
-    the images of that part of the model's split, from the model's own data when no folder."""
+    """(model, model-file payload, images normalised as the model was trained): `folder`, its
+    masks decoded with the model's classes; with `part` (train, validation, test) only the
+    images of that part of the model's split, from the model's own data when no folder."""
     from segcore.data import dataset_from, load_images
     from segcore.device import pick_device
     from segcore.files import load_model
 
     model, meta = load_model(args.model, pick_device(args.device))
-    extra = meta["extra"]
+    extra, labels = meta["extra"], meta["labels"]
     if part is not None:
         names = (extra.get("split") or {}).get(part)
         if names is None:
@@ -133,7 +134,7 @@ def _model_and_data(args, folder: str | None, part: str | None = None):
             where = folder or "synthetic data (seed 0)"
             print(f"note: no --data given; using the model's {part} images from {where}",
                   file=sys.stderr)  # fmt: skip
-        dataset = dataset_from(folder)
+        dataset = dataset_from(folder, labels)
         keep = set(names)
         idx = [i for i, n in enumerate(dataset.names) if n in keep]
         if len(idx) != len(keep):
@@ -147,20 +148,16 @@ def _model_and_data(args, folder: str | None, part: str | None = None):
               file=sys.stderr)  # fmt: skip
         dataset = synthetic_dataset(20, EVAL_DATA_SEED)
     else:
-        dataset = load_images(folder)
+        dataset = load_images(folder, labels)
     if dataset.channels != meta["in_channels"]:
         raise UserError(
             f"{folder}: images have {dataset.channels} channel(s), the model "
             f"{args.model} expects {meta['in_channels']}"
         )
-    if dataset.masks is not None:
-        top = max(int(m.max()) for m in dataset.masks)
-        if top >= len(meta["classes"]):
-            raise UserError(
-                f"{folder}: masks hold label {top}, the model {args.model} knows "
-                f"{len(meta['classes'])} classes"
-            )
-    return model, meta, dataset
+    if dataset.masks is not None and dataset.classes != meta["classes"]:  # synthetic data
+        raise UserError(f"{folder or 'synthetic data'}: classes {dataset.classes} are not the "
+                        f"model's {meta['classes']}; give --data")  # fmt: skip
+    return model, meta, dataset.normalized(meta["normalization"])
 
 
 def cmd_evaluate(args) -> int:
@@ -169,7 +166,6 @@ def cmd_evaluate(args) -> int:
     model, meta, dataset = _model_and_data(args, args.data, args.split)
     if dataset.masks is None:
         raise UserError(f"{args.data}: evaluate needs masks (DIR/images and DIR/masks)")
-    dataset.classes = meta["classes"]
     scores = evaluate(model, dataset, meta["config"], progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps({**scores, "split": args.split}))
@@ -182,12 +178,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from PIL import Image
-
-    from segcore.data import colorize
-    from segcore.files import atomic_write, check_output
+    from segcore.files import check_output
     from segcore.infer import stitched
-    from segcore.pictures import prediction_panel
+    from segcore.pictures import prediction_panel, write_prediction
     from segcore.progress import progress
 
     check_output(args.out, "--out", folder=True)
@@ -198,13 +191,13 @@ def cmd_predict(args) -> int:
     each = enumerate(stitched(model, dataset.images, cfg))
     for i, probs in progress(each, n, "predict", "images", enabled=not args.quiet):
         image, name, probs = dataset.images[i], dataset.names[i], probs.cpu().numpy()
-        labels = probs.argmax(0)
-        mask = Image.fromarray(colorize(labels, palette))
-        atomic_write(out / f"{name}.png", lambda tmp, m=mask: m.save(tmp, format="png"))
+        write_prediction(out, name, probs, palette, args.masks, args.probabilities)
         truth = dataset.masks[i] if dataset.masks is not None else None
         prediction_panel(out / f"{name}_overlay.png", image, probs, classes, palette, truth,
                          title=f"{name} ({args.model})")  # fmt: skip
-    print(f"wrote {len(dataset.images)} masks and overlays to {out}")
+    kinds = {"png": "colour PNG", "tiff": "class-index TIFF"}
+    extra = "" if args.probabilities == "none" else f", probabilities ({args.probabilities})"
+    print(f"wrote {len(dataset.images)} masks ({kinds[args.masks]}){extra} and overlays to {out}")
     return 0
 
 
@@ -236,21 +229,33 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
 
 
 def cmd_check(args) -> int:
-    from segcore.space import load_space
+    from segcore.space import largest_patch, load_space
 
-    space = load_space(args.space)
-    print(f"{args.space}: ok ({len(space.search)} searched fields, {space.n_trials} trials, "
-          f"sampler {space.sampler['name']}, pruner {space.pruner['name']})")  # fmt: skip
+    if args.space is None and args.data is None:
+        raise UserError("check: give --space FILE, --data DIR or both")
+    space = None
+    if args.space is not None:
+        space = load_space(args.space)
+        print(f"{args.space}: ok ({len(space.search)} searched fields, {space.n_trials} trials, "
+              f"sampler {space.sampler['name']}, pruner {space.pruner['name']})")  # fmt: skip
+    if args.data is not None:
+        from segcore.data import load_folder
+        from segcore.fingerprint import describe, fingerprint
+
+        fp = fingerprint(load_folder(args.data), space and largest_patch(space))
+        print(describe(fp, args.data))
     return 0
 
 
 def prepare_study(args, workers: str):
     """What search and slurm do before any worker: check every option and file, create or
     resume the study; returns (name, url, space). `workers` is said in the first line."""
+    import shutil
+
     from segcore.device import pick_device
     from segcore.space import load_space
     from segcore.storage import check_url, default_url, mask_url, storage_url
-    from segcore.study import check_name, create_study, load_splits
+    from segcore.study import cache_dir, check_name, create_study, load_splits
 
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
@@ -262,9 +267,26 @@ def prepare_study(args, workers: str):
         check_url(url)  # before the data, which takes a while to read
     data = str(Path(args.data).resolve()) if args.data else None
     test_data = str(Path(args.test_data).resolve()) if args.test_data else None
-    splits = load_splits(data, test_data, space)  # every file checked before any worker
-    name, url = _study_args(args, create=True)
-    create_study(name, url, space, data, args.n_trials, test_data, splits.names())
+    made = next((p for p in reversed(cache_dir(args.study).parents) if not p.exists()), None)
+    made = made or (None if cache_dir(args.study).exists() else cache_dir(args.study))
+    try:  # every file read and decoded once into the cache the workers map, before any worker
+        name, url = _study_args(args, create=True)
+        splits = load_splits(data, test_data, space, cache=cache_dir(name))
+        study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits)
+    except UserError:  # nothing half-written: the folders made here go again
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    if "fingerprint" not in study.user_attrs:
+        from segcore.fingerprint import fingerprint
+        from segcore.notes import data_note
+        from segcore.space import largest_patch
+
+        fp = fingerprint(splits.train.join(splits.val).join(splits.test), largest_patch(space))
+        study.set_user_attr("fingerprint", fp)
+        data_note(study)
+        for line in fp["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
     print(f"study {name} on {mask_url(url)}: {workers}; images: {len(splits.train.names)} "
           f"train, {len(splits.val.names)} validation (chooses), {len(splits.test.names)} test "
           f"(read only by the final fit)", file=sys.stderr)  # fmt: skip
@@ -531,12 +553,18 @@ def build_parser() -> Parser:
     p.add_argument("--model", required=True, help="model file from train")
     p.add_argument("--images", required=True, help="folder of images, or a data folder")
     p.add_argument("--out", required=True, help="folder for NAME.png masks and overlays")
+    p.add_argument("--masks", choices=("png", "tiff"), default="png",
+                   help="png: colours of the model's palette (default); tiff: class indices, "
+                        "uint8 (uint16 past 256 classes), for Fiji and napari")  # fmt: skip
+    p.add_argument("--probabilities", choices=("none", "tiff", "npy"), default="none",
+                   help="also per-class probabilities (K, H, W) float16: NAME_probs.tif/.npy")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     device_option(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("check", help="validate a search-space file without running anything")
-    p.add_argument("--space", required=True, help="search-space YAML")
+    p = sub.add_parser("check", help="validate a search space, fingerprint a data folder")
+    p.add_argument("--space", help="search-space YAML to validate")
+    p.add_argument("--data", help="data folder: read every file, print what it holds")
     p.set_defaults(func=cmd_check)
 
     def study_options(p, storage_help="SQLAlchemy URL (default sqlite:///storage/NAME.db)"):

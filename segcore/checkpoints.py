@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from segcore.artifacts import attach, detach, fetch, listed, store_dir
 from segcore.config import TrialConfig
-from segcore.data import Dataset
+from segcore.data import Dataset, Normalization
 from segcore.errors import UserError
 from segcore.files import load_model, save_model
 
@@ -57,13 +57,13 @@ def would_be_top(study: optuna.Study, k: int, value: float, number: int) -> bool
 
 def store_checkpoint(
     study: optuna.Study, trial_id: int, state: dict[str, torch.Tensor], cfg: TrialConfig,
-    train_set: Dataset, extra: dict[str, Any], store,
+    train_set: Dataset, norm: Normalization, extra: dict[str, Any], store,
 ) -> str:  # fmt: skip
     """Save the weights as a model file and list it on the trial's page; returns its id."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / FILENAME
-        save_model(path, state, cfg, in_channels=train_set.channels, classes=train_set.classes,
-                   palette=train_set.palette, extra=extra)  # fmt: skip
+        save_model(path, state, cfg, in_channels=train_set.channels, labels=train_set.labels,
+                   norm=norm, extra=extra)  # fmt: skip
         return attach(study, trial_id, path, store, "application/octet-stream")[1]
 
 

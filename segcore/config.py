@@ -15,6 +15,7 @@ OPTIMIZERS = ("sgd", "adamw")
 LOSSES = ("ce", "ce+dice")
 SCHEDULES = ("step", "poly", "constant")
 TRAIN_ON = ("train", "train+val")
+NORMALIZATIONS = ("zscore", "percentile")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TrialConfig:
     weight_decay: float = 5e-4
     loss: str = "ce"
     aug_strength: float = 0.5
+    # input: "zscore" per image and channel, or "percentile" (1 and 99.8 % of each channel over
+    # the training images, CSBDeep's choice for fluorescence); recorded in the model file
+    normalization: str = "zscore"
     # share of patches centred on a foreground pixel (thin classes are rare)
     fg_fraction: float = 0.33
     # the split by whole image: test images are only ever used to score the final model;
@@ -197,6 +201,7 @@ _RULES = {
     "weight_decay": _between(0, 1),
     "loss": _one_of(LOSSES),
     "aug_strength": _between(0, 1),
+    "normalization": _one_of(NORMALIZATIONS),
     "fg_fraction": _between(0, 1),
     "test_fraction": lambda v: "" if 0 < v < 1 else "must be above 0 and below 1",
     "val_fraction": lambda v: "" if 0 < v < 1 else "must be above 0 and below 1",

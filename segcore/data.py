@@ -1,89 +1,162 @@
-"""Data sets: the folder loader, label palettes and the seeded split by whole image."""
+"""Data sets: the folder loader (files paired, read and decoded with one class mapping),
+normalisation, and the default synthetic data set.
+
+Pixels stay at their own bit depth (`Dataset.raw`, possibly memory maps of the decode cache);
+what the model sees (`Dataset.images`) is normalised on access with a `Normalization` chosen
+from the training images (segcore.train) or recorded in a model file.
+"""
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from segcore.cache import DecodeCache
 from segcore.errors import UserError
+from segcore.labels import (
+    Labels,
+    declares_classes,
+    from_declarations,
+    infer_labels,
+    read_declarations,
+)
+from segcore.reading import IMAGE_SUFFIXES, read_image, read_mask
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
-# Colours for masks and pictures when a data set brings no labels.json (label 0 is black).
-DEFAULT_PALETTE = [
-    (0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
-    (0, 255, 255), (255, 128, 0), (128, 0, 255), (0, 128, 128), (128, 128, 0), (128, 0, 0),
-]  # fmt: skip
+PERCENTILES = (1.0, 99.8)  # CSBDeep/StarDist's defaults for fluorescence
+PERCENTILE_SAMPLE = 4_000_000  # pixels per channel the percentiles are taken from
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw pixels become model input: "zscore" (each image and channel to mean 0, std 1) or
+    "percentile" (each channel: (x - low) / (high - low), low and high the 1st and 99.8th
+    percentiles over the training images, in raw units)."""
+
+    mode: str = "zscore"
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "low": self.low and list(self.low),
+                "high": self.high and list(self.high)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Normalization:
+        if not data:  # model files written before normalisation was recorded
+            return ZSCORE
+        low, high = data.get("low"), data.get("high")
+        return cls(data["mode"], low and tuple(low), high and tuple(high))
+
+
+ZSCORE = Normalization()
+
+
+class Normalized:
+    """An (H, W, C) image normalised on access: raw pixels (any dtype, maybe a memory map) to
+    float32 with a per-channel offset and scale. Slicing rows and columns normalises only the
+    slice (a training patch); np.asarray normalises the whole image."""
+
+    def __init__(self, raw: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> None:
+        self.raw, self.offset, self.scale = raw, offset, scale
+        self.shape, self.ndim, self.dtype = raw.shape, 3, np.dtype(np.float32)
+
+    def _apply(self, part: np.ndarray) -> np.ndarray:
+        return (part.astype(np.float32) - self.offset) * self.scale
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key):
+            return self._apply(self.raw[key])
+        return self.__array__()[key]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._apply(self.raw)
+        return out if dtype is None else out.astype(dtype)
+
+
+def channel_stats(raw: np.ndarray) -> np.ndarray:
+    """(2, C) float64: mean and standard deviation of each channel of an (H, W, C) image."""
+    flat = np.asarray(raw).reshape(-1, raw.shape[2]).astype(np.float64)
+    return np.stack([flat.mean(0), flat.std(0)])
 
 
 @dataclass
 class Dataset:
-    """Images (H, W, C) float32 z-scored per image and channel, masks (H, W) int64 or None."""
+    """Images (H, W, C) at their own dtype, masks (H, W) class indices (uint8) or None, names,
+    the class mapping, and the normalisation `images` applies (None until chosen)."""
 
-    images: list[np.ndarray]
+    raw: list[np.ndarray]
     masks: list[np.ndarray] | None
     names: list[str]
-    classes: list[str]
-    palette: list[tuple[int, int, int]]
+    labels: Labels
+    norm: Normalization | None = None
+    stats: list[np.ndarray | None] = field(default_factory=list)  # channel_stats, when known
+    _views: list[Normalized] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.stats) != len(self.raw):
+            self.stats = [None] * len(self.raw)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.labels.classes)
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        return self.labels.palette
 
     @property
     def channels(self) -> int:
-        return self.images[0].shape[2]
+        return self.raw[0].shape[2]
+
+    @property
+    def images(self) -> list[Normalized]:
+        """What the model sees; the normalisation must have been chosen (normalized())."""
+        assert self.norm is not None, "a data set's images are read after normalized(norm)"
+        if self._views is None:
+            self._views = [self._view(i) for i in range(len(self.raw))]
+        return self._views
+
+    def _view(self, i: int) -> Normalized:
+        if self.norm.mode == "percentile":
+            low = np.asarray(self.norm.low, np.float32)
+            span = np.asarray(self.norm.high, np.float32) - low
+            return Normalized(self.raw[i], low, 1 / np.maximum(span, 1e-6))
+        if self.stats[i] is None:
+            self.stats[i] = channel_stats(self.raw[i])
+        mean, std = self.stats[i].astype(np.float32)
+        return Normalized(self.raw[i], mean, 1 / np.maximum(std, 1e-6))
+
+    def normalized(self, norm: Normalization) -> Dataset:
+        """The same images and masks, normalised with `norm`."""
+        return replace(self, norm=norm, _views=None)
 
     def join(self, other: Dataset) -> Dataset:
         """The images of both (same classes), e.g. train + validation for a final fit."""
         masks = None if self.masks is None or other.masks is None else self.masks + other.masks
-        return Dataset(self.images + other.images, masks, self.names + other.names,
-                       self.classes, self.palette)  # fmt: skip
+        return Dataset(self.raw + other.raw, masks, self.names + other.names, self.labels,
+                       self.norm, self.stats + other.stats)  # fmt: skip
 
     def subset(self, indices: list[int]) -> Dataset:
         masks = None if self.masks is None else [self.masks[i] for i in indices]
-        return Dataset(
-            [self.images[i] for i in indices],
-            masks,
-            [self.names[i] for i in indices],
-            self.classes,
-            self.palette,
-        )
+        return Dataset([self.raw[i] for i in indices], masks, [self.names[i] for i in indices],
+                       self.labels, self.norm, [self.stats[i] for i in indices])  # fmt: skip
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of an (H, W, C) image, so intensity scale never matters."""
-    image = image.astype(np.float32)
-    mean = image.mean(axis=(0, 1), keepdims=True)
-    std = image.std(axis=(0, 1), keepdims=True)
-    return (image - mean) / np.maximum(std, 1e-6)
-
-
-def read_array(path: Path) -> np.ndarray:
-    """Read a PNG, TIFF or NPY file into a numpy array, naming the file if it is unreadable."""
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        with Image.open(path) as im:
-            if im.mode == "P":  # palette PNGs store label indices: keep them
-                return np.array(im)
-            return np.array(im.convert("RGB") if im.mode in ("RGBA", "LA", "CMYK") else im)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read as an image ({type(e).__name__})") from None
-
-
-def image_channels(array: np.ndarray, path: Path) -> np.ndarray:
-    """(H, W[, C]) array -> (H, W, C); RGB with three equal channels becomes one channel."""
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise UserError(f"{path}: has NaN or infinite pixel values")
-    if array.ndim == 2:
-        return array[:, :, None]
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
-        array = array[:, :, :3]
-        if array.shape[2] == 3 and (array == array[:, :, :1]).all():
-            return array[:, :, :1]
-        return array
-    raise UserError(f"{path}: image must be (H, W) or (H, W, 1|3|4), got shape {array.shape}")
+def normalization_for(mode: str, dataset: Dataset) -> Normalization:
+    """The normalisation `mode` fitted to these (training) images."""
+    if mode == "zscore":
+        return ZSCORE
+    total = sum(r.shape[0] * r.shape[1] for r in dataset.raw)
+    step = max(1, int(np.sqrt(total / PERCENTILE_SAMPLE)))  # every step-th row and column
+    sample = np.concatenate(
+        [np.asarray(r[::step, ::step]).reshape(-1, r.shape[2]) for r in dataset.raw]
+    )
+    low, high = np.percentile(sample.astype(np.float64), PERCENTILES, axis=0)
+    return Normalization("percentile", tuple(map(float, low)), tuple(map(float, high)))
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -137,153 +210,100 @@ def pair_files(images: list[Path], masks: list[Path]) -> list[tuple[Path, Path]]
     return pairs
 
 
-def read_labels(path: Path) -> tuple[list[str], list[tuple[int, int, int]]] | None:
-    """Parse labels.json: {"classes": [...], "colors": [[r, g, b], ...]} (colors optional)."""
-    if not path.exists() and not path.is_symlink():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:  # a folder, a broken or looping link, no permission
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    classes = data.get("classes") if isinstance(data, dict) else None
-    if not (
-        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
-    ):
-        raise UserError(f"{path}: 'classes' must be a list of at least two names")
-    colors = data.get("colors")
-    if colors is None:
-        return classes, _default_palette(len(classes))
-    ok = isinstance(colors, list) and len(colors) == len(classes)
-    ok = ok and all(
-        isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-        for c in colors
-    )
-    if not ok:
-        raise UserError(f"{path}: 'colors' must hold one [r, g, b] (0-255) per class")
-    palette = [tuple(c) for c in colors]
-    if len(set(palette)) != len(palette):
-        raise UserError(f"{path}: 'colors' must be distinct")
-    return classes, palette
+class _Reader:
+    """Reads a folder's images and masks, through the decode cache when there is one."""
+
+    def __init__(self, cache: str | Path | None, axes: str | None) -> None:
+        self.cache = DecodeCache(cache) if cache is not None else None
+        self.axes = axes
+
+    def image(self, path: Path) -> np.ndarray:
+        if self.cache is None:
+            return read_image(path, self.axes)
+        return self.cache.get(path, ["image", self.axes], lambda: read_image(path, self.axes))
+
+    def mask(self, path: Path, labels: Labels, remap: np.ndarray | None) -> np.ndarray:
+        def decode() -> np.ndarray:
+            classes = labels.decode(read_mask(path), path)
+            return classes if remap is None else remap[classes]
+
+        if self.cache is None:
+            return decode()
+        how = ["mask", labels.to_dict(), None if remap is None else remap.tolist()]
+        return self.cache.get(path, how, decode)
 
 
-def _default_palette(n: int) -> list[tuple[int, int, int]]:
-    rng = np.random.RandomState(0)
-    extra = [tuple(int(v) for v in rng.randint(0, 256, 3)) for _ in range(max(0, n - 12))]
-    return (DEFAULT_PALETTE + extra)[:n]
+def folder_labels(
+    root: Path, given: Labels | None, mask_paths: list[Path]
+) -> tuple[Labels, Labels, np.ndarray | None]:
+    """(the data set's mapping, the one its masks are decoded with, class remap or None).
+    With `given` (a model's or study's mapping), masks decode to its classes: through the
+    folder's own labels.json when it names classes (by name), else with `given` itself."""
+    path = root / "labels.json"
+    decl = read_declarations(path)
+    axes = decl.get("axes") or (given.axes if given else None)
+    if declares_classes(decl):
+        own = replace(from_declarations(decl, str(path)), axes=axes)
+    elif given is not None:
+        return given, replace(given, axes=axes), None
+    else:
+        masks = [(p, read_mask(p)) for p in mask_paths]
+        own = infer_labels(root / "masks", masks, axes)
+    if given is None or own.classes == given.classes:
+        return given or own, own, None
+    missing = [c for c in own.classes if c not in given.classes]
+    if missing:
+        raise UserError(f"{path}: class '{missing[0]}' is not one of the classes trained on "
+                        f"({', '.join(given.classes)})")  # fmt: skip
+    return given, own, np.array([given.classes.index(c) for c in own.classes], np.uint8)
 
 
-def _encode_colours(mask: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 colours -> (H, W) int64 codes r*65536 + g*256 + b."""
-    m = mask.astype(np.int64)
-    return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
-
-
-def load_folder(root: str | Path) -> Dataset:
-    """Load DIR/images + DIR/masks (+ optional DIR/labels.json), validating every file."""
+def load_folder(
+    root: str | Path, labels: Labels | None = None, cache: str | Path | None = None
+) -> Dataset:
+    """Load DIR/images + DIR/masks (+ DIR/labels.json), validating every file; masks decoded
+    with `labels` (a model's or study's mapping) when given; decoded files kept in `cache`."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data folder not found")
     pairs = pair_files(list_images(root / "images"), list_images(root / "masks"))
-    labels = read_labels(root / "labels.json")
-    images, raw_masks, channels = [], [], None
-    for image_path, mask_path in pairs:
-        image = image_channels(read_array(image_path), image_path)
-        if channels is not None and image.shape[2] != channels:
-            raise UserError(f"{image_path}: has {image.shape[2]} channels, others have {channels}")
-        channels = image.shape[2]
-        mask = read_array(mask_path)
-        if mask.ndim == 3 and mask.shape[2] == 1:
-            mask = mask[:, :, 0]
-        if mask.ndim == 3 and mask.shape[2] == 4:
-            mask = mask[:, :, :3]
-        if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] != 3):
-            raise UserError(f"{mask_path}: mask must be (H, W) labels or (H, W, 3) colours")
+    mapping, decoding, remap = folder_labels(root, labels, [m for _, m in pairs])
+    reader = _Reader(cache, decoding.axes)
+    images = _check_channels([(p, reader.image(p)) for p, _ in pairs])
+    masks = []
+    for (image_path, mask_path), image in zip(pairs, images):
+        mask = reader.mask(mask_path, decoding, remap)
         if mask.shape[:2] != image.shape[:2]:
             raise UserError(
                 f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from its image "
                 f"{image_path.name} ({image.shape[1]}x{image.shape[0]})"
             )
-        images.append(normalize(image))
-        raw_masks.append((mask_path, mask))
-    masks, classes, palette = _decode_masks(raw_masks, labels, root / "labels.json")
-    names = [p[0].stem for p in pairs]
-    return Dataset(images, masks, names, classes, palette)
+        masks.append(mask)
+    return Dataset(images, masks, [p.stem for p, _ in pairs], mapping)
 
 
-MAX_GREY_CLASSES = 256  # classes a grey mask may mean without labels.json
+def _check_channels(images: list[tuple[Path, np.ndarray]]) -> list[np.ndarray]:
+    first_path, first = images[0]
+    for path, image in images:
+        if image.shape[2] != first.shape[2]:
+            raise UserError(f"{path}: has {image.shape[2]} channel(s), {first_path.name} has "
+                            f"{first.shape[2]}; every image needs the same channels")  # fmt: skip
+    return [image for _, image in images]
 
 
-def _decode_masks(raw, labels, labels_path: Path):
-    """Turn grey or colour masks into label maps; classes and palette from labels.json or data."""
-    kinds = {m.ndim for _, m in raw}
-    if len(kinds) > 1:
-        raise UserError(f"{raw[0][0].parent}: masks mix grey labels and RGB colours")
-    if kinds == {2}:
-        masks = []
-        for path, m in raw:
-            if not np.issubdtype(m.dtype, np.integer) or m.min() < 0:
-                raise UserError(f"{path}: grey mask values must be non-negative integers")
-            masks.append(m.astype(np.int64))
-        top = max(int(m.max()) for m in masks)
-        if labels is None:
-            for (path, _), m in zip(raw, masks):
-                if m.max() >= MAX_GREY_CLASSES:
-                    raise UserError(
-                        f"{path}: grey label {int(m.max())}; without labels.json grey masks hold "
-                        f"class indices 0..{MAX_GREY_CLASSES - 1}"
-                    )
-            n = max(top + 1, 2)
-            return masks, [f"class_{i}" for i in range(n)], _default_palette(n)
-        classes, palette = labels
-        for (path, _), m in zip(raw, masks):
-            if m.max() >= len(classes):
-                raise UserError(
-                    f"{path}: label {int(m.max())} has no class in {labels_path} "
-                    f"({len(classes)} classes)"
-                )
-        return masks, classes, palette
-    codes = [(path, _encode_colours(m)) for path, m in raw]
-    if labels is None:
-        found = sorted(set().union(*(np.unique(c).tolist() for _, c in codes)) - {0})
-        colours = [(0, 0, 0)] + [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in found]
-        classes = [f"class_{i}" for i in range(len(colours))]
-        mapping = ", ".join(f"{i}={c}" for i, c in enumerate(colours))
-        print(f"note: {raw[0][0].parent} has RGB masks and no labels.json; labels: {mapping}")
-        palette = colours
-    else:
-        classes, palette = labels
-    lut = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(palette)}
-    keys = np.array(sorted(lut), dtype=np.int64)
-    values = np.array([lut[k] for k in keys], dtype=np.int64)
-    masks = []
-    for (path, mask), (_, c) in zip(raw, codes):
-        idx = np.clip(np.searchsorted(keys, c), 0, len(keys) - 1)
-        bad = keys[idx] != c
-        if bad.any():
-            y, x = np.argwhere(bad)[0]
-            colour = tuple(int(v) for v in mask[y, x])
-            raise UserError(f"{path}: colour {colour} at ({x}, {y}) is not a class colour")
-        masks.append(values[idx])
-    return masks, classes, palette
-
-
-def load_images(folder: str | Path) -> Dataset:
-    """Load images for prediction: a data folder (with masks if present) or a folder of images."""
+def load_images(folder: str | Path, labels: Labels | None = None) -> Dataset:
+    """Images for prediction: a data folder (masks decoded with `labels`, a model's mapping, if
+    present) or a folder of images (laid out as `labels` declares unless its labels.json says)."""
     folder = Path(folder)
     if (folder / "images").is_dir():
         if (folder / "masks").is_dir():
-            return load_folder(folder)
+            return load_folder(folder, labels)
         folder = folder / "images"
+    decl = read_declarations(folder / "labels.json")
+    axes = decl.get("axes") or (labels.axes if labels else None)
     paths = list_images(folder)
-    images = [image_channels(read_array(p), p) for p in paths]
-    for p, image in zip(paths, images):
-        if image.shape[2] != images[0].shape[2]:
-            raise UserError(
-                f"{p}: has {image.shape[2]} channels, {paths[0].name} has {images[0].shape[2]}"
-            )
-    return Dataset([normalize(i) for i in images], None, [p.stem for p in paths], [], [])
+    images = _check_channels([(p, read_image(p, axes)) for p in paths])
+    return Dataset(images, None, [p.stem for p in paths], labels or Labels((), (), ()))
 
 
 def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
@@ -294,10 +314,12 @@ def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarra
 DEFAULT_SYNTHETIC = (100, 0)  # images, seed: the data set of every command run without --data
 
 
-def dataset_from(folder: str | Path | None) -> Dataset:
+def dataset_from(
+    folder: str | Path | None, labels: Labels | None = None, cache: str | Path | None = None
+) -> Dataset:
     """A labelled folder, or the default synthetic data set when no folder is given."""
     if folder is not None:
-        return load_folder(folder)
+        return load_folder(folder, labels, cache)
     from segcore.synthetic import synthetic_dataset
 
     return synthetic_dataset(*DEFAULT_SYNTHETIC)

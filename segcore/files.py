@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from segcore.config import TrialConfig
+from segcore.data import Normalization
 from segcore.device import memory_format_for
 from segcore.errors import UserError
+from segcore.labels import Labels
 from segcore.model import build_model
 
 MODEL_FORMAT = "train_optuna.model/1"
@@ -75,18 +77,22 @@ def save_model(
     cfg: TrialConfig,
     *,
     in_channels: int,
-    classes: list[str],
-    palette: list[tuple[int, int, int]],
+    labels: Labels,
+    norm: Normalization,
     extra: dict | None = None,
 ) -> None:
-    """Write a model file that loads with weights_only=True: tensors and plain values only."""
+    """Write a model file that loads with weights_only=True: tensors and plain values only.
+    The class mapping (`labels`) and the input normalisation belong to the model: evaluate and
+    predict decode and normalise any folder with them."""
     payload = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "config": cfg.to_dict(),
         "in_channels": in_channels,
-        "classes": list(classes),
-        "palette": [list(c) for c in palette],
+        "classes": list(labels.classes),
+        "palette": [list(c) for c in labels.colors],
+        "labels": labels.to_dict(),
+        "normalization": norm.to_dict(),
         "extra": extra or {},
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -118,6 +124,10 @@ def load_model(path: str | Path, device: torch.device):
         model.load_state_dict(payload["state_dict"])
         payload["config"] = cfg
         payload["palette"] = [tuple(c) for c in payload["palette"]]
+        recorded = payload.get("labels")  # older model files: class indices and the palette
+        payload["labels"] = (Labels.from_dict(recorded, str(path)) if recorded else
+                             Labels.plain(payload["classes"], payload["palette"]))  # fmt: skip
+        payload["normalization"] = Normalization.from_dict(payload.get("normalization"))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{path}: damaged model file ({type(e).__name__}: {reason})") from None

@@ -35,7 +35,7 @@ def fit(
     model = build_model(cfg.arch, splits.train.channels, len(splits.train.classes), cfg.depth,
                         cfg.base_width, cfg.max_width)  # fmt: skip
     model.load_state_dict(result.state_dict)
-    test = evaluate(model.to(device), splits.test, cfg, progress=progress)
+    test = evaluate(model.to(device), splits.test.normalized(result.norm), cfg, progress=progress)
     extra = {
         **sources,
         "split": splits.names(),
@@ -49,5 +49,5 @@ def fit(
         "precision": precision_for(device),
     }
     save_model(out, result.state_dict, cfg, in_channels=splits.train.channels,
-               classes=splits.train.classes, palette=splits.train.palette, extra=extra)  # fmt: skip
+               labels=splits.train.labels, norm=result.norm, extra=extra)  # fmt: skip
     return extra

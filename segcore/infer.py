@@ -104,7 +104,7 @@ def predict_probs(
     Images smaller than a tile are zero-padded (zero is the mean after z-scoring).
     """
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))).to(device)
     h, w = x.shape[1:]
     pad_h, pad_w = max(0, tile - h), max(0, tile - w)
     if pad_h or pad_w:
@@ -152,7 +152,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_im
     cm = np.zeros((k, k), np.int64)
     pairs = enumerate(zip(stitched(model, dataset.images, cfg), dataset.masks))
     for i, (probs, mask) in shown(pairs, len(dataset.images), "score", "images", progress):
-        cm += confusion_matrix(probs.argmax(0), torch.from_numpy(mask), k)
+        cm += confusion_matrix(probs.argmax(0), torch.from_numpy(np.asarray(mask, np.int64)), k)
         if on_image is not None:
             on_image(i, probs)
     iou = iou_per_class(cm)

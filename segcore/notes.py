@@ -79,6 +79,22 @@ def study_note(study: optuna.Study, record: dict) -> str:
     ])  # fmt: skip
 
 
+def data_section(study: optuna.Study) -> list[str]:
+    """The data's fingerprint (segcore.fingerprint) as note lines, when the study records one."""
+    from segcore.fingerprint import describe
+
+    fp = study.user_attrs.get("fingerprint")
+    where = study.user_attrs.get("data") or "synthetic data"
+    return ["", "Data:", "", "```", describe(fp, where), "```"] if fp else []
+
+
+def data_note(study: optuna.Study) -> None:
+    """The study's note before any trial: what the data holds."""
+    from optuna_dashboard import save_note
+
+    save_note(study, "\n".join([f"## Study {study.study_name}: running", *data_section(study)]))
+
+
 def write_notes(study: optuna.Study, record: dict) -> None:
     """Notes for the study and every rescored trial, and the rescoring figures as study user
     attributes (one row per trial, which the dashboard's study page shows as a table)."""
@@ -99,4 +115,4 @@ def write_notes(study: optuna.Study, record: dict) -> None:
     study.set_user_attr("winner", f"trial {record['trial']}")
     if record["test"] is not None:
         study.set_user_attr("final model test mIoU", round(record["test"]["miou"], 4))
-    save_note(study, study_note(study, record))
+    save_note(study, "\n".join([study_note(study, record), *data_section(study)]))

@@ -29,6 +29,7 @@ def prediction_panel(
     import matplotlib.pyplot as plt
 
     colours = np.asarray(palette, dtype=np.uint8)
+    image, truth = np.asarray(image), None if truth is None else np.asarray(truth)
     shown = image[:, :, 0] if image.shape[2] == 1 else image[:, :, :3]
     shown = (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-6)
     panels = [("image", shown, "gray")]
@@ -52,6 +53,43 @@ def prediction_panel(
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def write_prediction(
+    out: Path, name: str, probs: np.ndarray, palette: list[tuple[int, int, int]], masks: str,
+    probabilities: str,
+) -> None:  # fmt: skip
+    """What predict writes for one image (probs (K, H, W)): NAME.png in the palette's colours or
+    NAME.tif class indices (uint8, uint16 past 256 classes), and with `probabilities` "tiff" or
+    "npy" the class probabilities as float16 NAME_probs.tif / NAME_probs.npy; atomically."""
+    from PIL import Image
+
+    from segcore.data import colorize
+
+    labels = probs.argmax(0)
+    if masks == "png":
+        mask = Image.fromarray(colorize(labels, palette))
+        atomic_write(out / f"{name}.png", lambda tmp: mask.save(tmp, format="png"))
+    else:
+        index = labels.astype(np.uint8 if len(probs) <= 256 else np.uint16)
+        _write_tiff(out / f"{name}.tif", index, "YX")
+    half = probs.astype(np.float16)
+    if probabilities == "tiff":
+        _write_tiff(out / f"{name}_probs.tif", half, "CYX")
+    elif probabilities == "npy":
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # np.save given a path would add ".npy" to it
+                np.save(f, half)
+
+        atomic_write(out / f"{name}_probs.npy", save)
+
+
+def _write_tiff(path: Path, array: np.ndarray, axes: str) -> None:
+    import tifffile
+
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array, metadata={"axes": axes},
+                                                    compression="zlib"))  # fmt: skip
 
 
 def error_map(shown: np.ndarray, prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -50,10 +50,11 @@ def score(
     for t in top:
         model, payload = load_checkpoint(study, t, store, dev)
         shown.clear()
-        result = evaluate(model, val_set, payload["config"], progress=progress, on_image=remember)
+        scored = val_set.normalized(payload["normalization"])
+        result = evaluate(model, scored, payload["config"], progress=progress, on_image=remember)
         scores[str(t.number)] = {"patch_miou": t.value, **result}
         if panels:
-            attach_panels(study, t, shown, payload, val_set, result["miou"], store)
+            attach_panels(study, t, shown, payload, scored, result["miou"], store)
     study.set_user_attr("full_image_scores", scores)
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores

@@ -184,6 +184,11 @@ def fit_depth(depth: int, patch_size: int) -> int:
     return depth
 
 
+def largest_patch(space: Space) -> int:
+    """The largest patch side a trial of the space can train on."""
+    return int(_largest_patch(space.search, space.fixed))
+
+
 def _largest_patch(search: dict[str, dict[str, Any]], fixed: dict[str, Any]) -> Any:
     """The default validation patch side: the largest patch size a trial can have."""
     if "patch_size" in search:

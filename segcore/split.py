@@ -47,22 +47,19 @@ def split_dataset(dataset: Dataset, cfg, test_set: Dataset | None = None) -> Spl
     """Split by the config's seed, val_fraction and test_fraction; with `test_set` (from
     --test-data) the data set gives only train and validation images."""
     fraction = 0.0 if test_set is not None else cfg.test_fraction
-    train, val, test = split(len(dataset.images), cfg.val_fraction, fraction, cfg.seed)
+    train, val, test = split(len(dataset.raw), cfg.val_fraction, fraction, cfg.seed)
     if test_set is None:
         test_set = dataset.subset(test)
     return Splits(dataset.subset(train), dataset.subset(val), test_set)
 
 
 def check_test_data(dataset: Dataset, test_set: Dataset, option: str = "--test-data") -> None:
-    """Test images must fit the data set: same channels, same classes and colours."""
+    """Test images must fit the data set: masks, the same channels (their classes are the data
+    set's: load_folder decodes them with its mapping)."""
     if test_set.masks is None:
         raise UserError(f"{option}: test images need masks (DIR/images and DIR/masks)")
     if test_set.channels != dataset.channels:
         raise UserError(
             f"{option}: images have {test_set.channels} channel(s), --data's {dataset.channels}"
         )
-    if (test_set.classes, test_set.palette) != (dataset.classes, dataset.palette):
-        raise UserError(
-            f"{option}: classes {test_set.classes} differ from --data's {dataset.classes}; "
-            f"give both folders the same labels.json"
-        )
+    assert test_set.labels.classes == dataset.labels.classes, "decoded with the data's mapping"

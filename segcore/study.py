@@ -17,6 +17,7 @@ from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.data import dataset_from, load_folder
 from segcore.errors import UserError
+from segcore.labels import Labels
 from segcore.samplers import build_pruner, build_sampler
 from segcore.space import Space, parse_space
 from segcore.split import Splits, check_test_data, split_dataset
@@ -39,19 +40,31 @@ def reports_dir(name: str) -> Path:
     return Path("reports") / name
 
 
+def cache_dir(name: str) -> Path:
+    """The study's decode cache (segcore.cache): decoded images and masks every worker maps."""
+    return Path("storage") / name / "cache"
+
+
 def create_study(
     name: str, url: str, space: Space, data: str | None, n_trials: int | None,
-    test_data: str | None = None, split: dict[str, list[str]] | None = None,
+    test_data: str | None = None, splits: Splits | None = None,
 ) -> tuple[optuna.Study, Space]:  # fmt: skip
-    """Create the study, or resume it (same space and data only); returns (study, space). The
-    study records its data folders and `split` (image names per part). Two searches started at
-    once on a new study take turns (the slot lock), so one creates and one resumes."""
+    """Create the study, or resume it (same space, data and classes only); returns (study,
+    space). The study records its data folders, its split (image names per part), the class
+    mapping every worker decodes masks with, and the data's fingerprint. Two searches started
+    at once on a new study take turns (the slot lock), so one creates and one resumes."""
     storage = open_storage(url)
     sources = {"data": data, "test_data": test_data}
     with SlotLock(storage, url, name).held():
         study, stored = _create_or_resume(name, storage, space, sources, n_trials)
-        if split is not None and "split" not in study.user_attrs:
-            study.set_user_attr("split", split)
+        if splits is not None:
+            labels = splits.train.labels.to_dict()
+            if study.user_attrs.get("labels", labels) != labels:
+                raise UserError(f"--data {data}: its classes are not those study {name!r} was "
+                                f"created with ({study.user_attrs['labels']['classes']})")  # fmt: skip
+            for key, value in (("split", splits.names()), ("labels", labels)):
+                if key not in study.user_attrs:
+                    study.set_user_attr(key, value)
     return study, stored
 
 
@@ -134,14 +147,18 @@ def open_study(name: str, url: str, seed: int | None = None) -> tuple[optuna.Stu
 SPLIT_FIELDS = ("seed", "val_fraction", "test_fraction")
 
 
-def load_splits(data: str | None, test_data: str | None, space: Space) -> Splits:
+def load_splits(
+    data: str | None, test_data: str | None, space: Space, labels: Labels | None = None,
+    cache: Path | None = None,
+) -> Splits:  # fmt: skip
     """The data folder (default: synthetic) split by the space's seed and fractions, every file
-    checked; the test images come from `test_data` when given."""
+    checked, masks decoded with `labels` when given (a study's); the test images come from
+    `test_data` when given, decoded with the data's classes. `cache`: the decode cache."""
     cfg = TrialConfig.from_dict({k: v for k, v in space.fixed.items() if k in SPLIT_FIELDS})
-    dataset = dataset_from(data)
+    dataset = dataset_from(data, labels, cache)
     test = None
     if test_data is not None:
-        test = load_folder(test_data)
+        test = load_folder(test_data, dataset.labels, cache)
         check_test_data(dataset, test)
     return split_dataset(dataset, cfg, test)
 
@@ -149,9 +166,12 @@ def load_splits(data: str | None, test_data: str | None, space: Space) -> Splits
 def study_splits(study: optuna.Study, space: Space) -> Splits:
     """The study's split, the same for every trial and worker. Trials and rescoring use its
     train and validation images; only the final fit reads its test images."""
-    splits = load_splits(study.user_attrs.get("data"), study.user_attrs.get("test_data"), space)
-    recorded = study.user_attrs.get("split")
-    if recorded is not None and recorded != splits.names():
+    recorded = study.user_attrs.get("labels")
+    labels = Labels.from_dict(recorded, f"study {study.study_name}") if recorded else None
+    splits = load_splits(study.user_attrs.get("data"), study.user_attrs.get("test_data"), space,
+                         labels, cache_dir(study.study_name))  # fmt: skip
+    split = study.user_attrs.get("split")
+    if split is not None and split != splits.names():
         folder = study.user_attrs.get("data") or "the synthetic data"
         raise UserError(
             f"--data {folder}: its images are not those study {study.study_name!r} was created "

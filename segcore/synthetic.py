@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segcore.data import Dataset, colorize, normalize
+from segcore.data import Dataset, colorize
 from segcore.errors import UserError
+from segcore.labels import Labels
 
 SYNTHETIC_CLASSES = ["background", "line", "ellipse"]
 SYNTHETIC_PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
@@ -77,9 +78,10 @@ def synthetic_arrays(n: int, seed: int, height: int = 400, width: int = 200):
 def synthetic_dataset(n: int = 100, seed: int = 0, height: int = 400, width: int = 200) -> Dataset:
     """The default data set when no --data is given: generated in memory from a fixed seed."""
     pairs = synthetic_arrays(n, seed, height, width)
-    images = [normalize(img[:, :, None]) for img, _ in pairs]
     names = [f"Img_{i}" for i in range(n)]
-    return Dataset(images, [m for _, m in pairs], names, SYNTHETIC_CLASSES, list(SYNTHETIC_PALETTE))
+    labels = Labels.plain(SYNTHETIC_CLASSES, SYNTHETIC_PALETTE)
+    return Dataset([img[:, :, None] for img, _ in pairs], [m.astype(np.uint8) for _, m in pairs],
+                   names, labels)  # fmt: skip
 
 
 def write_synthetic(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from segcore.config import TrialConfig
-from segcore.data import Dataset
+from segcore.data import ZSCORE, Dataset, Normalization, normalization_for
 from segcore.device import autocast_for, memory_format_for, pick_device, to_device
 from segcore.errors import DivergedError
 from segcore.metrics import confusion_matrix, mean_iou
@@ -37,6 +37,7 @@ class TrainResult:
     best_epoch: int
     best_patch_miou: float | None
     history: list[dict] = field(default_factory=list)
+    norm: Normalization = ZSCORE  # the input normalisation, fitted to the training images
 
 
 def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,7 +105,8 @@ def train(
     resume: dict | None = None,
     on_saved: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train one configuration on `device` (default: pick_device()); returns the weights of the
+    """Train one configuration on `device` (default: pick_device()), its input normalisation
+    fitted to the training images (cfg.normalization); returns the weights of the
     epoch with the best validation patch mIoU (on_epoch(epoch, it) after each epoch), or with
     no validation images (val_set None) those of the last epoch.
 
@@ -114,6 +116,9 @@ def train(
     with in-process augmentation)."""
     seed_everything(cfg.seed)
     dev = device or pick_device()
+    norm = normalization_for(cfg.normalization, train_set)
+    train_set = train_set.normalized(norm)
+    val_set = val_set.normalized(norm) if val_set is not None else None
     k = len(train_set.classes)
     model = build_model(cfg.arch, train_set.channels, k, cfg.depth, cfg.base_width, cfg.max_width)
     model = model.to(dev, memory_format=memory_format_for(dev))
@@ -122,14 +127,15 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total)
     )
-    result, first, seed = TrainResult({}, -1, float("-inf")), 0, cfg.seed
+    result, first, seed = TrainResult({}, -1, float("-inf"), norm=norm), 0, cfg.seed
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
         best = resume["best"]
-        result = TrainResult(best["state_dict"], best["epoch"], best["miou"], resume["history"])
+        result = TrainResult(best["state_dict"], best["epoch"], best["miou"], resume["history"],
+                             norm)  # fmt: skip
         first = resume["epoch"] + 1
         if resume["batches"] is None:  # augmentation processes: a fresh stream, not a replay
             seed = int(np.random.SeedSequence([cfg.seed, first]).generate_state(1)[0] >> 1)

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 from segcore.checkpoints import WARM_START, store_checkpoint, would_be_top
 from segcore.costs import measure, violations
+from segcore.data import ZSCORE
 from segcore.errors import DivergedError, is_out_of_memory
 from segcore.resume import Saver, find_state
 from segcore.space import Space, suggest
@@ -110,7 +111,8 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
         torch.cuda.empty_cache()
     cfg = suggest(trial, ctx.space)
     trial.set_user_attr("config", cfg.to_dict())
-    costs = measure(cfg, train_set.channels, len(train_set.classes), val_set.images[0], ctx.device)
+    image = val_set.normalized(ZSCORE).images[0]  # its values do not change what it costs
+    costs = measure(cfg, train_set.channels, len(train_set.classes), image, ctx.device)
     for key, value in costs.items():
         trial.set_user_attr(key, value)
     broken = violations(costs, ctx.space.constraints)
@@ -172,8 +174,8 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
             "data": study.user_attrs.get("data"),
             "patch_miou": result.best_patch_miou,
         }
-        store_checkpoint(study, trial._trial_id, result.state_dict, cfg, train_set, extra,
-                         ctx.store)  # fmt: skip
+        store_checkpoint(study, trial._trial_id, result.state_dict, cfg, train_set, result.norm,
+                         extra, ctx.store)  # fmt: skip
     return Outcome(TrialState.COMPLETE, result.best_patch_miou)
 
 

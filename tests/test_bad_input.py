@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from segcore.config import TrialConfig
+from segcore.data import ZSCORE
 from segcore.files import save_model
+from segcore.labels import Labels
 from segcore.model import build_model
 from segcore.synthetic import write_synthetic
 from train_optuna import main
@@ -55,7 +57,8 @@ def make_base(tmp: Path) -> None:
     (tmp / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     model = build_model(cfg.arch, 1, 3, cfg.depth, cfg.base_width, cfg.max_width)
     save_model(tmp / "m.pt", model.state_dict(), cfg, in_channels=1,
-               classes=["a", "b", "c"], palette=[(0, 0, 0), (255, 0, 0), (0, 255, 0)])  # fmt: skip
+               labels=Labels.plain(["a", "b", "c"], [(0, 0, 0), (255, 0, 0), (0, 255, 0)]),
+               norm=ZSCORE)  # fmt: skip
     torch.save({"format": Evil()}, tmp / "evil.pt")  # a real torch archive that carries code
 
 
@@ -167,8 +170,9 @@ def damaged_model(tmp):
     cfg = TrialConfig(depth=2, base_width=4, patch_size=32)
     model = build_model(cfg.arch, 1, 3, cfg.depth, cfg.base_width, cfg.max_width)
     save_model(tmp / "damaged.pt", model.state_dict(), TrialConfig(depth=3, base_width=4,
-               patch_size=32), in_channels=1, classes=["a", "b", "c"],
-               palette=[(0, 0, 0), (255, 0, 0), (0, 255, 0)])  # fmt: skip
+               patch_size=32), in_channels=1,
+               labels=Labels.plain(["a", "b", "c"], [(0, 0, 0), (255, 0, 0), (0, 255, 0)]),
+               norm=ZSCORE)  # fmt: skip
 
 
 def other_labels(tmp):
@@ -227,7 +231,7 @@ CASES = [
     ("infinite-pixel", infinite_pixel, [*SEARCH, "--data", "bad"],
      "Img_0.npy: has NaN or infinite pixel values"),
     ("grey-16bit-mask", grey_16bit_masks, [*SEARCH, "--data", "bad"],
-     "grey label 65535; without labels.json"),
+     "mask values 0, 1, 65535 are not class indices 0..K-1"),
     ("labels-folder", labels_folder, [*SEARCH, "--data", "bad"], "labels.json: cannot read"),
     ("labels-broken-link", labels_broken_link, [*SEARCH, "--data", "bad"],
      "labels.json: cannot read"),
@@ -235,7 +239,7 @@ CASES = [
      "'colors' must hold one [r, g, b]"),
     ("one-image", one_image, [*SEARCH, "--data", "bad"], "need 3; add images or give --test-data DIR"),
     ("predict-mixed-channels", mixed_channels, ["predict", "--model", "m.pt", "--images",
-     "mixed", "--out", "p"], "b.png: has 3 channels, a.png has 1"),
+     "mixed", "--out", "p"], "b.png: has 3 channel(s), a.png has 1; every image"),
     # search spaces
     ("yaml-duplicate-key", space(TINY_SPACE.replace("fixed:", "  lr: {type: float, low: 0.1, "
      "high: 0.2}\nfixed:")), ["check", "--space", "bad.yaml"], "key 'lr' repeated"),
@@ -347,7 +351,8 @@ CASES = [
     ("export-model-no-scores", a_study, ["export", "--study", "x", "--model", "w.pt"],
      "no full-image scores yet"),
     ("test-data-other-classes", other_labels, [*SEARCH, *GOOD_DATA, "--test-data", "bad"],
-     "--test-data: classes ['a', 'b', 'c'] differ from --data's"),
+     "bad/labels.json: class 'a' is not one of the classes trained on (background, line, "
+     "ellipse)"),
     ("space-final-searched", space(TINY_SPACE.replace("study:", "final: {lr: 0.1}\nstudy:")),
      ["check", "--space", "bad.yaml"], "final.lr: the final fit keeps the winner's value"),
     ("space-searched-split", space(TINY_SPACE.replace("search:\n", "search:\n  test_fraction: "

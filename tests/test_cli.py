@@ -75,7 +75,7 @@ def hand_miou(model_path, folder) -> float:
 
     model, meta = load_model(model_path, torch.device("cpu"))
     model = prepare(model, torch.device("cpu"))  # as evaluate does (tests/test_infer.py checks it)
-    cfg, data = meta["config"], load_folder(folder)
+    cfg, data = meta["config"], load_folder(folder).normalized(meta["normalization"])
     inter, union = np.zeros(3), np.zeros(3)
     for image, mask in zip(data.images, data.masks):
         pred = predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,

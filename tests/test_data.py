@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcore.data import colorize, load_folder, load_images
+from segcore.data import ZSCORE, Dataset, colorize, load_folder, load_images
 from segcore.errors import UserError
+from segcore.labels import Labels
 from segcore.split import split
 from segcore.synthetic import ellipse_mask, synthetic_arrays, write_synthetic
 
@@ -41,15 +42,21 @@ def test_rgb_palette_round_trip(tmp_path):
     assert ds.names == ["Img_0", "Img_1", "Img_2"]
     for got, want in zip(ds.masks, masks):
         assert np.array_equal(got, want)
-    assert ds.images[0].shape == (16, 24, 3) and ds.images[0].dtype == np.float32
-    assert abs(float(ds.images[0].mean())) < 1e-4  # z-scored
+    assert ds.raw[0].shape == (16, 24, 3) and ds.raw[0].dtype == np.uint8  # as stored
+    image = np.asarray(ds.normalized(ZSCORE).images[0])
+    assert image.shape == (16, 24, 3) and image.dtype == np.float32
+    assert np.allclose(image.mean((0, 1)), 0, atol=1e-5)  # z-scored per channel
 
 
-def test_grey_masks_without_labels_json(tmp_path):
+def test_grey_masks_without_labels_json(tmp_path, capsys):
     masks = make_folder(tmp_path, rgb_masks=False, labels=False)
     ds = load_folder(tmp_path)
     assert ds.classes == ["class_0", "class_1", "class_2"]
     assert all(np.array_equal(a, b) for a, b in zip(ds.masks, masks))
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'masks'}: grey masks without labels.json; values 0..2 read as "
+        "classes class_0, class_1, class_2\n"
+    )
 
 
 def test_rgb_masks_without_labels_json_sorted_colours(tmp_path, capsys):
@@ -58,9 +65,9 @@ def test_rgb_masks_without_labels_json_sorted_colours(tmp_path, capsys):
     # black first, then the other colours sorted: (0, 255, 0) < (255, 0, 0)
     assert ds.palette == [(0, 0, 0), (0, 255, 0), (255, 0, 0)]
     assert ds.classes == ["class_0", "class_1", "class_2"]
-    assert capsys.readouterr().out == (
+    assert capsys.readouterr().err == (
         f"note: {tmp_path / 'masks'} has RGB masks and no labels.json; "
-        "labels: 0=(0, 0, 0), 1=(0, 255, 0), 2=(255, 0, 0)\n"
+        "classes: 0=(0, 0, 0), 1=(0, 255, 0), 2=(255, 0, 0)\n"
     )
     make_folder(tmp_path / "one", n=1, labels=False)  # a folder of one image (a test folder)
     assert len(load_folder(tmp_path / "one").classes) == 3
@@ -70,7 +77,7 @@ def test_pairing_by_stem_and_by_trailing_number(tmp_path):
     make_folder(tmp_path / "a", image_name="x{}.png", mask_name="x{}.png")
     assert load_folder(tmp_path / "a").names == ["x0", "x1", "x2"]
     make_folder(tmp_path / "b", image_name="Img_{}.png", mask_name="label-00{}.png")
-    assert len(load_folder(tmp_path / "b").images) == 3
+    assert len(load_folder(tmp_path / "b").raw) == 3
 
 
 def test_grey_rgb_image_becomes_one_channel_and_sizes_may_differ(tmp_path):
@@ -83,8 +90,8 @@ def test_grey_rgb_image_becomes_one_channel_and_sizes_may_differ(tmp_path):
     np.save(tmp_path / "images" / "a2.npy", np.ones((8, 8), np.float32) * np.arange(8))
     np.save(tmp_path / "masks" / "a2.npy", np.ones((8, 8), np.int64))
     ds = load_folder(tmp_path)
-    assert [im.shape for im in ds.images] == [(10, 12, 1), (30, 20, 1), (8, 8, 1)]
-    assert ds.classes == ["class_0", "class_1"]
+    assert [im.shape for im in ds.raw] == [(10, 12, 1), (30, 20, 1), (8, 8, 1)]
+    assert ds.classes == ["background", "foreground"]  # two values, 0 and 1
 
 
 def _break(root, how):
@@ -114,7 +121,7 @@ def _break(root, how):
         return root, "Mask_1.png: size 8x8 differs"
     if how == "unknown colour":
         Image.fromarray(np.full((16, 24, 3), 7, np.uint8)).save(root / "masks" / "Mask_0.png")
-        return root, r"Mask_0.png: colour \(7, 7, 7\) at \(0, 0\) is not a class colour"
+        return root, r"Mask_0.png: colour \(7, 7, 7\) at \(0, 0\) is not a class colour of"
     if how == "corrupt png":
         (root / "images" / "Img_1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
         return root, "Img_1.png: cannot read as an image"
@@ -132,16 +139,17 @@ def _break(root, how):
     if how == "grey label beyond classes":
         for p in (root / "masks").iterdir():
             Image.fromarray(np.full((16, 24), 5, np.uint8)).save(p)
-        return root, "label 5 has no class"
-    if how == "mixed masks":
+        return root, r"Mask_0.png: value 5 at \(0, 0\) is not a class value of classes bg"
+    if how == "mixed masks":  # without labels.json: nothing says what the grey values mean
+        (root / "labels.json").unlink()
         Image.fromarray(np.zeros((16, 24), np.uint8)).save(root / "masks" / "Mask_0.png")
-        return root, "masks mix grey labels and RGB colours"
+        return root, "masks mix grey values and RGB colours; use one kind"
     if how == "mixed channels":
         Image.fromarray(np.zeros((16, 24), np.uint8)).save(root / "images" / "Img_0.png")
         Image.fromarray(np.random.RandomState(0).randint(0, 9, (16, 24, 3), dtype=np.uint8)).save(
             root / "images" / "Img_1.png"
         )
-        return root, "channels, others have"
+        return root, "Img_1.png: has 3 channel.s., Img_0.png has 1; every image needs the same"
     raise AssertionError(how)
 
 
@@ -163,7 +171,7 @@ def test_loader_errors_name_the_file(tmp_path, how):
 def test_load_images_plain_folder(tmp_path):
     make_folder(tmp_path / "d")
     ds = load_images(tmp_path / "d" / "images")
-    assert ds.masks is None and len(ds.images) == 3
+    assert ds.masks is None and len(ds.raw) == 3
     assert load_images(tmp_path / "d").masks is not None
 
 
@@ -175,19 +183,19 @@ def test_load_images_from_a_data_folder_without_masks(tmp_path):
     ds = load_images(tmp_path / "d")
     assert ds.masks is None and ds.names == ["Img_0", "Img_1", "Img_2"]
     assert ds.classes == [] and ds.palette == []
-    assert ds.images[0].shape == (16, 24, 3)
-    np.save(tmp_path / "d" / "images" / "Img_3.npy", np.zeros((4, 4, 2), np.float32))
-    with pytest.raises(UserError, match=r"Img_3\.npy: image must be"):
+    assert ds.raw[0].shape == (16, 24, 3)
+    np.save(tmp_path / "d" / "images" / "Img_3.npy", np.zeros((16, 24, 2), np.float32))
+    with pytest.raises(UserError, match=r"Img_3\.npy: has 2 channel\(s\), Img_0.png has 3"):
         load_images(tmp_path / "d")
 
 
 def test_default_palette_beyond_the_built_in_colours():
     """Classes beyond the twelve built-in colours get fixed colours (the same on every run and
     machine, so masks written by `predict` read back the same): NumPy's RandomState(0) draws."""
-    from segcore.data import DEFAULT_PALETTE, _default_palette
+    from segcore.labels import DEFAULT_PALETTE, default_palette
 
-    assert _default_palette(3) == DEFAULT_PALETTE[:3]
-    palette = _default_palette(14)
+    assert default_palette(3) == DEFAULT_PALETTE[:3]
+    palette = default_palette(14)
     assert palette[:12] == DEFAULT_PALETTE and len(set(palette)) == 14
     assert palette[12:] == [(172, 47, 117), (192, 67, 251)]
 
@@ -230,7 +238,7 @@ def test_synthetic_ellipses_are_clipped_not_wrapped():
 def test_write_synthetic_then_load(tmp_path):
     write_synthetic(tmp_path / "syn", 3, seed=2)
     ds = load_folder(tmp_path / "syn")
-    assert ds.classes == ["background", "line", "ellipse"] and len(ds.images) == 3
+    assert ds.classes == ["background", "line", "ellipse"] and len(ds.raw) == 3
     assert np.array_equal(ds.masks[0], synthetic_arrays(1, seed=2)[0][1])
     with pytest.raises(UserError, match="not empty"):
         write_synthetic(tmp_path / "syn", 3, seed=2)
@@ -238,32 +246,29 @@ def test_write_synthetic_then_load(tmp_path):
 
 def test_join_keeps_every_image_with_its_mask_and_name():
     """train + validation for the final fit: both sets' images, masks and names, in order."""
-    from segcore.data import Dataset
-
-    a = Dataset([np.zeros((2, 2, 1))], [np.zeros((2, 2), int)], ["a"], ["bg", "fg"], [(0, 0, 0)])
-    b = Dataset([np.ones((2, 2, 1))], [np.ones((2, 2), int)], ["b"], ["bg", "fg"], [(0, 0, 0)])
+    labels = Labels.plain(["bg", "fg"], [(0, 0, 0), (9, 9, 9)])
+    a = Dataset([np.zeros((2, 2, 1))], [np.zeros((2, 2), int)], ["a"], labels)
+    b = Dataset([np.ones((2, 2, 1))], [np.ones((2, 2), int)], ["b"], labels)
     both = a.join(b)
     assert both.names == ["a", "b"] and both.classes == ["bg", "fg"]
-    assert both.palette == [(0, 0, 0)]  # the colours predict writes masks in
-    assert [m.max() for m in both.masks] == [0, 1] and [i.max() for i in both.images] == [0, 1]
-    unlabelled = Dataset([np.ones((2, 2, 1))], None, ["c"], ["bg", "fg"], [(0, 0, 0)])
-    assert a.join(unlabelled).masks is None and len(a.join(unlabelled).images) == 2
+    assert both.palette == [(0, 0, 0), (9, 9, 9)]  # the colours predict writes masks in
+    assert [m.max() for m in both.masks] == [0, 1] and [i.max() for i in both.raw] == [0, 1]
+    unlabelled = Dataset([np.ones((2, 2, 1))], None, ["c"], labels)
+    assert a.join(unlabelled).masks is None and len(a.join(unlabelled).raw) == 2
 
 
-def test_test_data_must_have_masks_channels_and_classes_of_the_data():
-    from segcore.data import Dataset
+def test_test_data_must_have_masks_and_the_channels_of_the_data():
     from segcore.split import check_test_data
 
-    def data(channels=1, masks=True, classes=("bg", "fg")):
+    def data(channels=1, masks=True):
         image = np.zeros((2, 2, channels))
-        return Dataset([image], [np.zeros((2, 2), int)] if masks else None, ["a"], list(classes),
-                       [(0, 0, 0), (255, 255, 255)])  # fmt: skip
+        return Dataset([image], [np.zeros((2, 2), int)] if masks else None, ["a"],
+                       Labels.plain(["bg", "fg"], [(0, 0, 0), (255, 255, 255)]))  # fmt: skip
 
     check_test_data(data(), data())  # fits: no error
     cases = [
         (data(masks=False), "--test-data: test images need masks (DIR/images and DIR/masks)"),
         (data(channels=3), "--test-data: images have 3 channel(s), --data's 1"),
-        (data(classes=("bg", "cell")), "--test-data: classes ['bg', 'cell'] differ from"),
     ]
     for test_set, message in cases:
         with pytest.raises(UserError) as e:
@@ -271,71 +276,70 @@ def test_test_data_must_have_masks_channels_and_classes_of_the_data():
         assert str(e.value).startswith(message), str(e.value)
 
 
-def test_read_array_keeps_palette_indices_and_drops_alpha_and_cmyk(tmp_path):
-    from segcore.data import read_array
+def test_pil_files_keep_palette_indices_in_masks_and_drop_alpha_and_cmyk(tmp_path):
+    from segcore.reading import read_image, read_mask
 
     rgb = np.random.RandomState(0).randint(0, 256, (6, 5, 3), dtype=np.uint8)
     alpha = np.full((6, 5, 1), 128, np.uint8)
     Image.fromarray(np.concatenate([rgb, alpha], -1)).save(tmp_path / "rgba.png")
-    assert np.array_equal(read_array(tmp_path / "rgba.png"), rgb)  # alpha dropped
+    assert np.array_equal(read_image(tmp_path / "rgba.png"), rgb)  # alpha dropped
+    assert np.array_equal(read_mask(tmp_path / "rgba.png"), rgb)
     Image.fromarray(np.concatenate([rgb[..., :1], alpha], -1), mode="LA").save(tmp_path / "la.png")
-    assert np.array_equal(read_array(tmp_path / "la.png"), np.repeat(rgb[..., :1], 3, -1))
-    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
-    with Image.open(tmp_path / "cmyk.tif") as im:
-        assert np.array_equal(read_array(tmp_path / "cmyk.tif"), np.array(im.convert("RGB")))
+    assert np.array_equal(read_image(tmp_path / "la.png"), rgb[..., :1])
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    with Image.open(tmp_path / "cmyk.jpg") as im:
+        assert np.array_equal(read_image(tmp_path / "cmyk.jpg"), np.array(im.convert("RGB")))
     indexed = Image.new("P", (5, 6))
     indexed.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * 759)
     labels = np.random.RandomState(1).randint(0, 3, (6, 5)).astype(np.uint8)
     indexed.putdata(labels.ravel().tolist())
     indexed.save(tmp_path / "indexed.png")
-    assert np.array_equal(read_array(tmp_path / "indexed.png"), labels)  # indices, not colours
+    assert np.array_equal(read_mask(tmp_path / "indexed.png"), labels)  # indices, not colours
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UserError) as e:  # a pickle is never loaded
-        read_array(tmp_path / "objects.npy")
+        read_image(tmp_path / "objects.npy")
     assert str(e.value) == f"{tmp_path / 'objects.npy'}: cannot read as an image (ValueError)"
-
-
-def test_image_channels_rules():
-    from pathlib import Path
-
-    from segcore.data import image_channels
-
-    four = np.arange(2 * 2 * 4, dtype=np.float32).reshape(2, 2, 4)
-    assert np.array_equal(image_channels(four, Path("x.npy")), four[..., :3])  # alpha dropped
-    for bad, message in (
-        (np.array([[0.0, np.nan]]), "x.npy: has NaN or infinite pixel values"),
-        (np.zeros((2, 2, 5)), "x.npy: image must be (H, W) or (H, W, 1|3|4), got shape (2, 2, 5)"),
-    ):
-        with pytest.raises(UserError) as e:
-            image_channels(bad, Path("x.npy"))
-        assert str(e.value) == message
 
 
 @pytest.mark.parametrize(
     "labels,message",
     [
-        ([], "'classes' must be a list of at least two names"),
+        ([], "must be a JSON object with 'classes' (and optional 'colors', 'values', "
+             "'instances', 'axes')"),
         ({"classes": ["only"]}, "'classes' must be a list of at least two names"),
         ({"classes": ["a", 3]}, "'classes' must be a list of at least two names"),
+        ({"classes": ["a", "a"]}, "'classes' must be distinct names"),
         ({"classes": ["a", "b"], "colors": [[0, 0, 0], [256, 0, 0]]},
-         "'colors' must hold one [r, g, b] (0-255) per class"),
+         "'colors' must hold one [r, g, b] (0-255) per class (2)"),
         ({"classes": ["a", "b"], "colors": [[9, 9, 9], [9, 9, 9]]}, "'colors' must be distinct"),
+        ({"classes": ["a", "b"], "values": [0, -1]},
+         "'values' must hold one whole number >= 0 per class (2)"),
+        ({"classes": ["a", "b"], "values": [3, 3]}, "'values' must be distinct"),
+        ({"values": [0, 255]}, "'values' needs 'classes' (one entry per class)"),
+        ({"classes": ["a", "b"], "colours": []},
+         "unknown field 'colours' (known: classes, colors, values, instances, axes)"),
+        ({"instances": "cells"}, "'instances' must be \"boundary\" or \"foreground\", got 'cells'"),
+        ({"instances": "boundary", "classes": ["bg", "cell"]},
+         "\"instances\": \"boundary\" makes 3 classes (background, interior, boundary); "
+         "'classes' names 2"),
+        ({"axes": "ZYX"}, "'axes' must be one of YX, CYX, YXC, got 'ZYX'"),
     ],
 )  # fmt: skip
 def test_labels_json_rules(tmp_path, labels, message):
-    from segcore.data import read_labels
-
+    make_folder(tmp_path)
     (tmp_path / "labels.json").write_text(json.dumps(labels))
     with pytest.raises(UserError) as e:
-        read_labels(tmp_path / "labels.json")
+        load_folder(tmp_path)
     assert str(e.value) == f"{tmp_path / 'labels.json'}: {message}"
 
 
 def test_labels_json_without_colours_gets_the_default_palette(tmp_path):
-    from segcore.data import DEFAULT_PALETTE, read_labels
+    from segcore.labels import DEFAULT_PALETTE
 
+    make_folder(tmp_path, rgb_masks=False, labels=False)
     (tmp_path / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
-    assert read_labels(tmp_path / "labels.json") == (["a", "b", "c"], DEFAULT_PALETTE[:3])
+    assert load_folder(tmp_path).labels == Labels(("a", "b", "c"), tuple(DEFAULT_PALETTE[:3]),
+                                                  (0, 1, 2))  # fmt: skip
 
 
 def _grey_masks(root, value, dtype, labels=None):
@@ -344,6 +348,7 @@ def _grey_masks(root, value, dtype, labels=None):
         p.unlink()
     for i in range(2):
         mask = np.full((16, 24), value, dtype) if i else np.zeros((16, 24), np.int64)
+        mask[0, 0] = 0
         np.save(root / "masks" / f"Mask_{i}.npy", mask)
     if labels:
         (root / "labels.json").write_text(json.dumps({"classes": labels}))
@@ -353,25 +358,25 @@ def _grey_masks(root, value, dtype, labels=None):
 @pytest.mark.parametrize(
     "value,dtype,labels,message",
     [
-        (1.0, np.float32, None, "grey mask values must be non-negative integers"),
-        (-1, np.int64, None, "grey mask values must be non-negative integers"),
-        (256, np.int64, None,
-         "grey label 256; without labels.json grey masks hold class indices 0..255"),
-        (3, np.int64, ["a", "b", "c"], "label 3 has no class in {labels} (3 classes)"),
+        (1.5, np.float32, None, "{path}: mask values must be whole numbers, got float32"),
+        (-1, np.int64, None, "{path}: mask values must not be negative (found -1)"),
+        (3, np.int64, ["a", "b", "c"], "{path}: value 3 at (1, 0) is not a class value of classes "
+         "a (value 0, colour (0, 0, 0)), b (value 1, colour (255, 0, 0)), c (value 2, colour "
+         "(0, 255, 0))"),
     ],
 )  # fmt: skip
 def test_grey_mask_rules(tmp_path, value, dtype, labels, message):
     path = _grey_masks(tmp_path / "d", value, dtype, labels)
     with pytest.raises(UserError) as e:
         load_folder(tmp_path / "d")
-    labels_path = tmp_path / "d" / "labels.json"
-    assert str(e.value) == f"{path}: " + message.format(labels=labels_path)
+    assert str(e.value) == message.format(path=path)
 
 
-def test_grey_masks_load_as_int64_and_the_largest_colour_is_checked(tmp_path):
-    _grey_masks(tmp_path / "d", 255, np.uint8)  # the largest label allowed without labels.json
+def test_grey_masks_load_as_class_indices_and_the_largest_colour_is_checked(tmp_path):
+    _grey_masks(tmp_path / "d", 1.0, np.float32)  # whole numbers in a float array
     ds = load_folder(tmp_path / "d")
-    assert len(ds.classes) == 256 and all(m.dtype == np.int64 for m in ds.masks)
+    assert ds.classes == ["background", "foreground"] and all(m.dtype == np.uint8 for m in ds.masks)
+    assert ds.masks[1][0, 1] == 1
     make_folder(tmp_path / "rgb")  # white: beyond every class colour of the palette
     Image.fromarray(np.full((16, 24, 3), 255, np.uint8)).save(tmp_path / "rgb/masks/Mask_1.png")
     with pytest.raises(UserError, match=r"colour \(255, 255, 255\) at \(0, 0\) is not a class"):
@@ -390,7 +395,7 @@ def test_splits_are_recorded_under_their_names(tmp_path):
     assert sorted(n for part in names.values() for n in part) == [f"Img_{i}" for i in range(6)]
     other = load_folder(tmp_path / "d").subset([0])  # --test-data: no test images split off
     given = split_dataset(load_folder(tmp_path / "d"), cfg, other)
-    assert len(given.train.images) + len(given.val.images) == 6 and given.test is other
+    assert len(given.train.raw) + len(given.val.raw) == 6 and given.test is other
 
 
 def test_split_errors_say_what_each_part_needs():
@@ -408,29 +413,44 @@ def test_split_errors_say_what_each_part_needs():
     )
 
 
-def test_normalize_z_scores_each_channel_on_its_own():
-    from segcore.data import normalize
+def test_normalisations_z_score_each_image_or_map_the_training_percentiles(tmp_path):
+    from segcore.data import Normalization, normalization_for
 
     rng = np.random.RandomState(0)
     image = np.stack([rng.randn(9, 7) * 0.01 + 5, rng.randn(9, 7) * 40 - 3], -1)
-    out = normalize(image)
+    data = Dataset([image, np.full((3, 3, 2), 7.0)], None, ["a", "flat"], Labels((), (), ()))
+    out = np.asarray(data.normalized(ZSCORE).images[0])
     assert out.dtype == np.float32 and out.shape == (9, 7, 2)
     assert np.allclose(out.mean((0, 1)), 0, atol=1e-4) and np.allclose(
         out.std((0, 1)), 1, atol=1e-3
     )
-    assert np.array_equal(normalize(np.full((3, 3, 1), 7.0)), np.zeros((3, 3, 1)))  # flat: zeros
+    flat = data.normalized(ZSCORE).images[1]
+    assert np.array_equal(np.asarray(flat), np.zeros((3, 3, 2)))  # flat: zeros
+    # percentile: each channel's 1st and 99.8th percentile over the images, in raw units
+    ramp = np.arange(1000, dtype=np.uint16).reshape(20, 50, 1) * np.array([1, 10], np.uint16)
+    norm = normalization_for("percentile", Dataset([ramp], None, ["r"], Labels((), (), ())))
+    assert norm.mode == "percentile"
+    assert np.allclose(norm.low, [9.99, 99.9]) and np.allclose(norm.high, [997.002, 9970.02])
+    seen = Dataset([ramp], None, ["r"], Labels((), (), ())).normalized(norm).images[0]
+    assert seen[0:1, 0:1][0, 0, 1] == pytest.approx((0 - 99.9) / (9970.02 - 99.9))
+    assert np.allclose(seen[:, :], np.asarray(seen)) and np.allclose(seen[2:5, 7:9],
+                                                                     np.asarray(seen)[2:5, 7:9])  # fmt: skip
+    assert (
+        Normalization.from_dict(norm.to_dict()) == norm and Normalization.from_dict(None) == ZSCORE
+    )
+    with pytest.raises(AssertionError, match="normalized"):
+        Dataset([ramp], None, ["r"], Labels((), (), ())).images  # noqa: B018 (chosen first)
 
 
 def test_subset_of_an_unlabelled_data_set():
-    from segcore.data import Dataset
-
     images = [np.zeros((2, 2, 1)), np.ones((2, 2, 1))]
-    part = Dataset(images, None, ["a", "b"], [], []).subset([1])
-    assert part.masks is None and part.names == ["b"] and part.images[0].max() == 1
+    part = Dataset(images, None, ["a", "b"], Labels((), (), ())).subset([1])
+    assert part.masks is None and part.names == ["b"] and part.raw[0].max() == 1
 
 
 def test_file_listing_and_pairing_rules(tmp_path):
-    from segcore.data import IMAGE_SUFFIXES, _trailing_number, list_images, pair_files
+    from segcore.data import _trailing_number, list_images, pair_files
+    from segcore.reading import IMAGE_SUFFIXES
 
     (tmp_path / "f").mkdir()
     for name in (".DS_Store", "a.png", "b.npy"):
@@ -475,8 +495,8 @@ def test_mask_shapes_a_folder_may_hold(tmp_path):
     rgba = np.concatenate([colorize(masks[1], PALETTE), np.full((6, 10, 1), 255, np.uint8)], -1)
     Image.fromarray(rgba).save(tmp_path / "d" / "masks" / "Mask_1.png")
     np.save(tmp_path / "d" / "masks" / "Mask_0.npy", np.full((6, 10, 1), 2, np.uint8))
-    with pytest.raises(UserError, match="masks mix grey labels and RGB colours"):
-        load_folder(tmp_path / "d")  # but (H, W, 1) counts as grey, RGBA as colour
+    ds = load_folder(tmp_path / "d")  # (H, W, 1) counts as grey values, RGBA as colours
+    assert (ds.masks[0] == 2).all() and np.array_equal(ds.masks[1], masks[1])
     np.save(tmp_path / "d" / "masks" / "Mask_0.npy", colorize(np.full((6, 10), 2), PALETTE))
     ds = load_folder(tmp_path / "d")
     assert np.array_equal(ds.masks[1], masks[1]) and (ds.masks[0] == 2).all()
@@ -491,7 +511,10 @@ def test_mask_shapes_a_folder_may_hold(tmp_path):
     np.save(bad, np.zeros((6, 10, 2), np.uint8))
     with pytest.raises(UserError) as e:
         load_folder(tmp_path / "d")
-    assert str(e.value) == f"{bad}: mask must be (H, W) labels or (H, W, 3) colours"
+    assert (
+        str(e.value)
+        == f"{bad}: a mask must be (H, W) values or (H, W, 3) colours, got shape (6, 10, 2)"
+    )
     np.save(bad, np.zeros((4, 10), np.uint8))
     with pytest.raises(UserError) as e:
         load_folder(tmp_path / "d")

@@ -29,7 +29,9 @@ from helpers import (
 )
 
 from segcore.config import TrialConfig
+from segcore.data import ZSCORE
 from segcore.files import save_model, write_text
+from segcore.labels import Labels
 from segcore.space import load_space
 from segcore.study import create_study
 from segcore.trial import INTERRUPTED
@@ -328,7 +330,9 @@ def _crash_while_writing(path: Path, what: str) -> subprocess.CompletedProcess:
 import os, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from segcore.config import TrialConfig
+from segcore.data import ZSCORE
 from segcore.files import save_model, write_text
+from segcore.labels import Labels
 
 
 class Crash(str):  # killed part-way through being written out
@@ -337,7 +341,8 @@ class Crash(str):  # killed part-way through being written out
 
 if {what!r} == "model":
     save_model({str(path)!r}, {{"w": torch.zeros(1000, 1000)}}, TrialConfig(), in_channels=1,
-               classes=["a", "b"], palette=[(0, 0, 0), (9, 9, 9)], extra={{"x": Crash("y")}})
+               labels=Labels.plain(["a", "b"], [(0, 0, 0), (9, 9, 9)]), norm=ZSCORE,
+               extra={{"x": Crash("y")}})
 else:
     import pathlib
     def half(self, text, *a, **k):  # write half, then die
@@ -354,8 +359,8 @@ else:
 def test_crash_while_writing_leaves_the_previous_file(tmp_path, what):
     path = tmp_path / ("checkpoint.pt" if what == "model" else "best.json")
     if what == "model":
-        save_model(path, {}, TrialConfig(), in_channels=1, classes=["a", "b"],
-                   palette=[(0, 0, 0), (9, 9, 9)])  # fmt: skip
+        save_model(path, {}, TrialConfig(), in_channels=1,
+                   labels=Labels.plain(["a", "b"], [(0, 0, 0), (9, 9, 9)]), norm=ZSCORE)  # fmt: skip
     else:
         write_text(path, json.dumps({"old": True}))
     before = path.read_bytes()

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from segcore.data import Dataset, Normalization
 from segcore.infer import predict_probs, tile_starts
+from segcore.labels import Labels
 from segcore.model import build_model
+
+UNCHANGED = Normalization("percentile", (0.0,), (1.0,))  # (x - 0) / (1 - 0): the images as given
 
 torch.set_num_threads(1)
 
@@ -107,13 +111,13 @@ def test_evaluate_scores_with_the_configs_stitching(model):
     its tile size, overlap, Gaussian weights and TTA reach predict_probs, and its mIoU and
     per-class IoU are those of the argmax of exactly those probabilities (counted here)."""
     from segcore.config import TrialConfig
-    from segcore.data import Dataset
     from segcore.infer import evaluate, prepare
 
     rng = np.random.RandomState(3)
     images = [rng.randn(48, 40, 1).astype(np.float32) for _ in range(2)]
     masks = [rng.randint(0, 3, (48, 40)) for _ in range(2)]
-    data = Dataset(images, masks, ["a", "b"], ["bg", "line", "ellipse"], [(0, 0, 0)] * 3)
+    labels = Labels.plain(["bg", "line", "ellipse"], [(0, 0, 0)] * 3)
+    data = Dataset(images, masks, ["a", "b"], labels, norm=UNCHANGED)
     cfg = TrialConfig(patch_size=32, tile_size=16, tile_overlap=0.25, gaussian=True, tta=True)
     seen = {}
     out = evaluate(model, data, cfg, on_image=lambda i, p: seen.__setitem__(i, p))
@@ -201,7 +205,6 @@ def test_tile_batch_budgets():
 
 def test_evaluate_reports_progress_and_null_for_an_absent_class(model, capsys):
     from segcore.config import TrialConfig
-    from segcore.data import Dataset
     from segcore.infer import evaluate
 
     rng = np.random.RandomState(1)
@@ -212,7 +215,8 @@ def test_evaluate_reports_progress_and_null_for_an_absent_class(model, capsys):
     with torch.no_grad():
         last = [m for m in model4.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         last.bias[3] = -100.0  # class 3 never predicted, never in a mask
-    data = Dataset(images, masks, ["a", "b", "c"], classes, [(0, 0, 0)] * 4)
+    data = Dataset(images, masks, ["a", "b", "c"], Labels.plain(classes, [(0, 0, 0)] * 4),
+                   norm=UNCHANGED)  # fmt: skip
     out = evaluate(model4, data, TrialConfig(patch_size=32, depth=1, tile_size=16), progress=True)
     assert out["per_class"]["never"] is None and out["images"] == 3
     assert "score: 3/3 images (100%)" in capsys.readouterr().err

@@ -145,10 +145,10 @@ def test_a_search_under_an_inference_time_limit_hands_over_a_model_that_meets_it
 
     from segcore.config import TrialConfig
     from segcore.costs import measure
-    from segcore.data import load_folder
+    from segcore.data import ZSCORE, load_folder
 
     cli(tmp_path, "data", "--out", "d", "--n", 6, "--height", 64, "--width", 64)
-    image = load_folder(tmp_path / "d").images[0]
+    image = load_folder(tmp_path / "d").normalized(ZSCORE).images[0]
     cfg = {"depth": 2, "patch_size": 32, "tta": True}
     ms = [measure(TrialConfig(**cfg, base_width=w, max_width=64), 1, 3, image,
                   torch.device("cpu"))["infer_ms"] for w in (2, 64)]  # fmt: skip

@@ -71,8 +71,8 @@ class Run:
         self.url = f"sqlite:///{tmp_path}/storage/s.db"
         self.space = parse_space(raw or SPACE, "space.yaml")
         data = str(tmp_path / "d")
-        split = load_splits(data, None, self.space).names()
-        self.study, _ = create_study("s", self.url, self.space, data, None, None, split)
+        splits = load_splits(data, None, self.space)
+        self.study, _ = create_study("s", self.url, self.space, data, None, None, splits)
         if pruner is not None:  # the same study, seen through another pruner
             self.study = optuna.load_study(study_name="s", storage=self.url, pruner=pruner)
         self.data = study_splits(self.study, self.space)
@@ -212,7 +212,7 @@ def test_drop_checkpoints_keeps_the_top_k_and_running_trials(tmp_path, monkeypat
     on_meta, _ = load_checkpoint(run.study, done[0], run.store, torch.device("meta"))
     assert next(on_meta.parameters()).device.type == "meta"  # the device asked for (a GPU's)
     store_checkpoint(run.study, running._trial_id, model.state_dict(), payload["config"],
-                     run.data.train, {}, run.store)  # fmt: skip
+                     run.data.train, payload["normalization"], {}, run.store)  # fmt: skip
     drop_checkpoints(run.study, 2, run.store)
     keep = {t._trial_id for t in top_trials(run.study, 2)} | {running._trial_id}
     assert set(checkpoints(run.study)) == keep
@@ -357,7 +357,7 @@ def test_final_fit_and_export_model(tmp_path, monkeypatch):
     exported, _ = load_model(tmp_path / "winner.pt", CPU)
     trial = run.study.trials[best["trial"]]
     original, _ = load_checkpoint(run.study, trial, run.store, CPU)
-    image = run.data.test.images[0]
+    image = run.data.test.normalized(payload["normalization"]).images[0]
     a = predict_probs(exported, image, tile=16, gaussian=True, tta=True)
     b = predict_probs(original, image, tile=16, gaussian=True, tta=True)
     assert torch.equal(a, b) and not torch.equal(a, predict_probs(model, image, tile=16))
@@ -374,8 +374,8 @@ def test_one_validation_patch_size_for_every_trial(tmp_path, monkeypatch):
     from segcore.patches import validation_patches
     from segcore.train import patch_miou
 
-    model, _ = load_checkpoint(run.study, small, run.store, CPU)
-    val = run.data.val
+    model, payload = load_checkpoint(run.study, small, run.store, CPU)
+    val = run.data.val.normalized(payload["normalization"])
     vx, vy = validation_patches(val.images, val.masks, patch_size=32, per_image=2, seed=0)
     again = patch_miou(model, torch.from_numpy(vx), torch.from_numpy(vy), 3)
     assert again == pytest.approx(small.value, abs=1e-9)

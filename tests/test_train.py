@@ -34,7 +34,8 @@ def test_on_epoch_history_and_best_weights(data):
     # the kept weights are the best epoch's: they score that epoch's patch mIoU again
     model = build_model("unet", 1, 3, 2, 4, 16)
     model.load_state_dict(result.state_dict)
-    vx, vy = validation_patches(data[1].images, data[1].masks, patch_size=32, per_image=8, seed=0)
+    val = data[1].normalized(result.norm)
+    vx, vy = validation_patches(val.images, val.masks, patch_size=32, per_image=8, seed=0)
     again = patch_miou(model, torch.from_numpy(vx), torch.from_numpy(vy), 3)
     assert again == pytest.approx(result.best_patch_miou, abs=1e-9)
 
