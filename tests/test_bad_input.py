@@ -351,8 +351,8 @@ CASES = [
     ("export-model-no-scores", a_study, ["export", "--study", "x", "--model", "w.pt"],
      "no full-image scores yet"),
     ("test-data-other-classes", other_labels, [*SEARCH, *GOOD_DATA, "--test-data", "bad"],
-     "bad/labels.json: class 'a' is not one of the classes trained on (background, line, "
-     "ellipse)"),
+     ("bad/labels.json: class 'a' is not one of the classes trained on (background, line, "
+     "ellipse)")),
     ("space-final-searched", space(TINY_SPACE.replace("study:", "final: {lr: 0.1}\nstudy:")),
      ["check", "--space", "bad.yaml"], "final.lr: the final fit keeps the winner's value"),
     ("space-searched-split", space(TINY_SPACE.replace("search:\n", "search:\n  test_fraction: "

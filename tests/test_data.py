@@ -304,8 +304,8 @@ def test_pil_files_keep_palette_indices_in_masks_and_drop_alpha_and_cmyk(tmp_pat
 @pytest.mark.parametrize(
     "labels,message",
     [
-        ([], "must be a JSON object with 'classes' (and optional 'colors', 'values', "
-             "'instances', 'axes')"),
+        ([], ("must be a JSON object with 'classes' (and optional 'colors', 'values', "
+             "'instances', 'axes')")),
         ({"classes": ["only"]}, "'classes' must be a list of at least two names"),
         ({"classes": ["a", 3]}, "'classes' must be a list of at least two names"),
         ({"classes": ["a", "a"]}, "'classes' must be distinct names"),
@@ -320,8 +320,8 @@ def test_pil_files_keep_palette_indices_in_masks_and_drop_alpha_and_cmyk(tmp_pat
          "unknown field 'colours' (known: classes, colors, values, instances, axes)"),
         ({"instances": "cells"}, "'instances' must be \"boundary\" or \"foreground\", got 'cells'"),
         ({"instances": "boundary", "classes": ["bg", "cell"]},
-         "\"instances\": \"boundary\" makes 3 classes (background, interior, boundary); "
-         "'classes' names 2"),
+         ("\"instances\": \"boundary\" makes 3 classes (background, interior, boundary); "
+         "'classes' names 2")),
         ({"axes": "ZYX"}, "'axes' must be one of YX, CYX, YXC, got 'ZYX'"),
     ],
 )  # fmt: skip
@@ -360,9 +360,9 @@ def _grey_masks(root, value, dtype, labels=None):
     [
         (1.5, np.float32, None, "{path}: mask values must be whole numbers, got float32"),
         (-1, np.int64, None, "{path}: mask values must not be negative (found -1)"),
-        (3, np.int64, ["a", "b", "c"], "{path}: value 3 at (1, 0) is not a class value of classes "
+        (3, np.int64, ["a", "b", "c"], ("{path}: value 3 at (1, 0) is not a class value of classes "
          "a (value 0, colour (0, 0, 0)), b (value 1, colour (255, 0, 0)), c (value 2, colour "
-         "(0, 255, 0))"),
+         "(0, 255, 0))")),
     ],
 )  # fmt: skip
 def test_grey_mask_rules(tmp_path, value, dtype, labels, message):
