@@ -282,7 +282,9 @@ def test_the_decode_cache_maps_each_file_once_and_follows_changes(tmp_path):
     assert len(list(cache.glob("*.npy"))) == 4  # two images, two masks
     again = load_folder(root, first.labels, cache)
     assert all(isinstance(a, np.memmap) and not a.flags.writeable for a in again.raw + again.masks)
-    assert all(np.array_equal(a, b) for a, b in zip(first.raw + first.masks, again.raw + again.masks))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(first.raw + first.masks, again.raw + again.masks)
+    )
     assert np.array_equal(again.raw[0][..., 0], grey_image(0)) and again.masks[0][5, 5] == 1
     changed = grey_image(7)
     write(root / "images" / "a0.tif", changed)
