@@ -39,10 +39,15 @@ def lineage(trial: FrozenTrial) -> list[int]:
     return list(trial.system_attrs.get("retry_history", []))
 
 
-def states(study: optuna.Study) -> dict[int, tuple[str, str]]:
-    """trial_id -> (attribute key, artifact id) of each saved state."""
-    return {tid: (key, m["artifact_id"]) for tid, key, m in listed(study)
-            if m.get("filename") == FILENAME}  # fmt: skip
+def states(study: optuna.Study) -> dict[int, list[tuple[str, str]]]:
+    """trial_id -> [(attribute key, artifact id)] of its saved states: one, or two where its
+    worker was killed between saving an epoch and dropping the one before (detach removes the
+    file before the listing, so the older may be gone)."""
+    saved: dict[int, list[tuple[str, str]]] = {}
+    for tid, key, m in listed(study):
+        if m.get("filename") == FILENAME:
+            saved.setdefault(tid, []).append((key, m["artifact_id"]))
+    return saved
 
 
 class Saver:
@@ -70,16 +75,17 @@ def find_state(
     saved = states(study)
     trials = study.get_trials(deepcopy=False)
     for number in reversed(lineage(trial)):
-        found = saved.get(trials[number]._trial_id)
-        if found is None:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / FILENAME
-            try:
-                fetch(store, found[1], path)
-            except ArtifactNotFound:  # dropped meanwhile: look further back
-                continue
-            return torch.load(path, map_location="cpu", weights_only=True), trials[number]
+        found = []
+        for _, artifact_id in saved.get(trials[number]._trial_id, []):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / FILENAME
+                try:
+                    fetch(store, artifact_id, path)
+                except ArtifactNotFound:  # dropped meanwhile
+                    continue
+                found.append(torch.load(path, map_location="cpu", weights_only=True))
+        if found:  # else look further back
+            return max(found, key=lambda state: state["epoch"]), trials[number]
     return None, None
 
 
@@ -101,5 +107,6 @@ def drop_states(study: optuna.Study, store) -> None:
     wanted |= {t.number for t in trials if t.state == TrialState.FAIL
                and t.datetime_complete is not None and t.datetime_complete > recent}  # fmt: skip
     for t in trials:
-        if t._trial_id in saved and t.number not in wanted:
-            detach(study, *saved[t._trial_id], store)
+        if t.number not in wanted:
+            for key, artifact_id in saved.get(t._trial_id, []):
+                detach(study, key, artifact_id, store)

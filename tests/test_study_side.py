@@ -381,6 +381,26 @@ def test_one_validation_patch_size_for_every_trial(tmp_path, monkeypatch):
     assert again == pytest.approx(small.value, abs=1e-9)
 
 
+def test_a_worker_killed_while_dropping_its_older_state_resumes_from_the_newer(
+    tmp_path, monkeypatch
+):
+    """Killed inside detach, after the older state's file is removed but while it is still
+    listed: the retry finds the newer state, not nothing (seen once on CI's PostgreSQL)."""
+    from segcore.resume import Saver, find_state, states
+
+    run = Run(tmp_path, monkeypatch)
+    run.study.set_user_attr("n_trials", 2)
+    stopped, _ = run.trial(deadline=0.0, **GOOD)
+    [(_, older)] = states(run.study)[stopped._trial_id]
+    waiting = run.study.get_trials(states=(TrialState.WAITING,))[0]
+    state, _ = find_state(run.study, waiting, run.store)
+    Saver(run.study, stopped._trial_id, run.store)({**state, "epoch": 1})  # the newer, listed
+    run.store.remove(older)  # the kill: the older file is gone, its listing stays
+    assert len(states(run.study)[stopped._trial_id]) == 2
+    again, since = find_state(run.study, waiting, run.store)
+    assert again["epoch"] == 1 and since.number == stopped.number
+
+
 def test_a_stopped_trial_is_retried_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """The time limit stops a trial after its first epoch: it ends FAIL with a retry queued,
     the retry continues from the saved state, and ends exactly as a trial never stopped."""
