@@ -151,3 +151,55 @@ def test_errors_are_one_line_exit_2_and_write_nothing(trained, args, message):
     assert "Traceback" not in proc.stderr
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
     assert not (trained / "pwned").exists()
+
+
+def test_a_folder_without_labels_json_is_scored_with_the_models_classes(trained, tmp_path):
+    """The test folder a microscopist brings often lacks labels.json: its colours are decoded
+    with the model's mapping, so each class keeps its figure (sorted colours would swap line
+    and ellipse here: red sorts after green)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(trained / "data", bare)
+    (bare / "labels.json").unlink()
+    full = json.loads(forked("evaluate", "--model", trained / "m.pt", "--data", trained / "data",
+                             "--json").stdout)  # fmt: skip
+    again = json.loads(forked("evaluate", "--model", trained / "m.pt", "--data", bare,
+                              "--json").stdout)  # fmt: skip
+    assert again["per_class"] == full["per_class"] and again["miou"] == full["miou"]
+    # a colour the model does not know is refused, naming the file and the colour
+    mask = np.array(Image.open(bare / "masks" / "Mask_0.png"))
+    mask[0, 0] = (7, 8, 9)
+    Image.fromarray(mask).save(bare / "masks" / "Mask_0.png")
+    proc = forked("evaluate", "--model", trained / "m.pt", "--data", bare, ok=False)
+    assert proc.returncode == 2 and "Mask_0.png" in proc.stderr and "(7, 8, 9)" in proc.stderr
+
+
+def test_predict_writes_tiff_class_indices_and_probabilities(trained):
+    import tifffile
+
+    forked("predict", "--model", trained / "m.pt", "--images", trained / "data", "--out",
+           trained / "pred-tif", "--masks", "tiff", "--probabilities", "tiff", "--quiet")  # fmt: skip
+    forked("predict", "--model", trained / "m.pt", "--images", trained / "data", "--out",
+           trained / "pred-npy", "--probabilities", "npy", "--quiet")  # fmt: skip
+    palette = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]  # background, line, ellipse
+    for i in range(5):
+        index = tifffile.imread(trained / "pred-tif" / f"Img_{i}.tif")
+        probs = tifffile.imread(trained / "pred-tif" / f"Img_{i}_probs.tif")
+        assert index.dtype == np.uint8 and index.shape == (64, 48)
+        assert probs.dtype == np.float16 and probs.shape == (3, 64, 48)
+        assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+        top2 = np.sort(probs, axis=0)[-2:]
+        clear = top2[1] > top2[0]  # rounding to float16 keeps the order, but may make a tie
+        assert clear.mean() > 0.9 and np.array_equal(probs.argmax(0)[clear], index[clear])
+        colours = np.array(Image.open(trained / "pred-npy" / f"Img_{i}.png"))
+        assert np.array_equal(colours, np.array(palette, np.uint8)[index])  # the same prediction
+        assert np.array_equal(np.load(trained / "pred-npy" / f"Img_{i}_probs.npy"), probs)
+
+
+def test_check_data_prints_the_fingerprint(trained):
+    out = forked("check", "--data", trained / "data").stdout
+    assert "5 images, 1 channel(s), uint8" in out
+    assert "min 64x48, median 64x48, max 64x48" in out
+    for name in ("background", "line", "ellipse"):
+        assert f"class {name}: " in out

@@ -107,3 +107,25 @@ def test_resumed_training_ends_with_the_same_weights(data, tmp_path):
     assert resumed.best_epoch == whole.best_epoch
     for name, tensor in whole.state_dict.items():
         assert torch.equal(tensor, resumed.state_dict[name]), name
+
+
+def test_a_percentile_fit_records_its_normalisation_in_the_model(data, tmp_path):
+    """normalization: percentile is fitted on the training images, and the model file carries
+    the fitted low/high that evaluate and predict apply."""
+    import numpy as np
+
+    from segcore.data import normalization_for
+    from segcore.files import load_model, save_model
+
+    cfg = TrialConfig(**TINY, epochs=1, aug_strength=0.0, normalization="percentile")
+    result = train(cfg, *data, progress=False)
+    assert result.norm == normalization_for("percentile", data[0])
+    assert result.norm.mode == "percentile" and result.norm.low[0] < result.norm.high[0]
+    save_model(tmp_path / "m.pt", result.state_dict, cfg, in_channels=1, labels=data[0].labels,
+               norm=result.norm)  # fmt: skip
+    _, meta = load_model(tmp_path / "m.pt", torch.device("cpu"))
+    assert meta["normalization"] == result.norm
+    image = data[1].normalized(meta["normalization"]).images[0]
+    raw = np.asarray(data[1].raw[0], np.float32)
+    expected = (raw - result.norm.low[0]) / (result.norm.high[0] - result.norm.low[0])
+    assert np.allclose(np.asarray(image), expected, atol=1e-6)
