@@ -294,7 +294,22 @@ def prepare_study(args, workers: str):
 
 
 def cmd_search(args) -> int:
-    from segcore.workers import Launcher, parse_gpus
+    from segcore.workers import Launcher
+
+    n_workers, gpus = worker_slots(args)
+    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/")
+    timeout = args.timeout if args.timeout is not None else space.timeout
+    code = Launcher(name, url, n_workers, gpus, args.quiet, seed=args.seed,
+                    timeout=timeout).run()  # fmt: skip
+    if code or args.no_rescore:
+        return code
+    return cmd_finish(args)
+
+
+def worker_slots(args) -> tuple[int, list[int]]:
+    """(processes, GPUs) of --workers, --gpus and --workers-per-gpu: what the search's workers
+    use, and the promotion stage's finalists after them."""
+    from segcore.workers import parse_gpus
 
     if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
         raise UserError(
@@ -304,35 +319,47 @@ def cmd_search(args) -> int:
     if args.workers_per_gpu < 1:
         raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
     gpus = parse_gpus(args.gpus)
-    n_workers = args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2)
-    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/")
-    timeout = args.timeout if args.timeout is not None else space.timeout
-    code = Launcher(name, url, n_workers, gpus, args.quiet, timeout=timeout).run()
-    if code or args.no_rescore:
-        return code
-    return cmd_finish(args)
+    return args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2), gpus
 
 
 def cmd_finish(args) -> int:
-    """Rescoring, export, the final fit (unless --no-final), the report, the last lines."""
-    from segcore.device import pick_device
-    from segcore.final import export, final_fit
+    """Rescoring, the promotion stage and the final fit (unless --no-final), export, the report,
+    the last lines."""
+    from segcore.final import export
     from segcore.rescore import score
 
     name, url = _study_args(args)
-    device = pick_device(args.device)
+    workers = worker_slots(args)
     print_scores(score(name, url, progress=not args.quiet, device=args.device))
     best = json.loads(export(name, url).read_text())
-    print(f"winner: trial {best['trial']}, validation full-image mIoU "
+    print(f"best at the trial budget: trial {best['trial']}, validation full-image mIoU "
           f"{best['validation']['full_image_miou']:.4f}")  # fmt: skip
     if not args.no_final:
-        print(f"final fit of trial {best['trial']} ({best['config']['epochs']} epochs of "
-              f"{best['config']['steps_per_epoch']} steps, on {best['config']['train_on']})",
-              file=sys.stderr)  # fmt: skip
-        final_fit(name, url, device=device, progress=not args.quiet)
+        hand_over(args, name, url, workers)
     cmd_report(args)
     print_final(name, url)
     return 0
+
+
+def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None:
+    """The promotion stage (when the space has finalists), then the final fit of the winner."""
+    from segcore.device import pick_device
+    from segcore.final import export, final_fit
+    from segcore.promote import promote
+    from segcore.study import open_study
+
+    if open_study(name, url)[1].finalists:
+        scores = promote(name, url, workers=workers[0], gpus=workers[1], device=args.device,
+                         quiet=args.quiet)  # fmt: skip
+        for number, s in scores.items():
+            print(f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f} (95 % "
+                  f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at the final "
+                  f"budget, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
+    best = json.loads(export(name, url).read_text())
+    print(f"final fit of trial {best['trial']} ({best['config']['epochs']} epochs of "
+          f"{best['config']['steps_per_epoch']} steps, on {best['config']['train_on']})",
+          file=sys.stderr)  # fmt: skip
+    final_fit(name, url, device=pick_device(args.device), progress=not args.quiet)
 
 
 def cmd_slurm(args) -> int:
@@ -394,11 +421,8 @@ def print_final(name: str, url: str) -> None:
 
 
 def cmd_final(args) -> int:
-    from segcore.device import pick_device
-    from segcore.final import final_fit
-
     name, url = _study_args(args)
-    final_fit(name, url, device=pick_device(args.device), progress=not args.quiet)
+    hand_over(args, name, url, worker_slots(args))
     print_final(name, url)
     return 0
 
@@ -479,6 +503,27 @@ def cmd_worker(args) -> int:
     name, url = _study_args(args)
     pick_device(args.device)
     return run_worker(name, url, args.seed, args.device, args.timeout)
+
+
+def cmd_promote(args) -> int:
+    """One finalist of the promotion stage (what `search` and `finish` start, one per worker)."""
+    import os
+
+    import torch
+
+    from segcore.device import pick_device
+    from segcore.promote import promote_one
+    from segcore.workers import die_with_launcher
+
+    die_with_launcher()
+    threads = os.environ.get("TRAIN_OPTUNA_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    name, url = _study_args(args)
+    done = promote_one(name, url, args.trial, pick_device(args.device), progress=not args.quiet)
+    print(f"finalist trial {args.trial}: validation full-image mIoU "
+          f"{done['validation']['miou']:.4f} at the final budget")  # fmt: skip
+    return 0
 
 
 def cmd_score(args) -> int:
@@ -589,12 +634,19 @@ def build_parser() -> Parser:
                        help="no final fit: best.json only, no best.pt")  # fmt: skip
         device_option(p)
 
+    def worker_options(p):
+        p.add_argument("--workers", type=int,
+                       help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the "
+                            "CPU); the promotion stage trains as many finalists at once")  # fmt: skip
+        p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
+        p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+
     p = sub.add_parser("search", help="create or resume a study, run it to budget, rescore, export")
     new_study_options(p)
-    p.add_argument("--workers", type=int,
-                   help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the CPU)")  # fmt: skip
-    p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
-    p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+    worker_options(p)
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seeds the workers' samplers (default 0): another seed, another search "
+                        "on the same split")  # fmt: skip
     p.add_argument(
         "--no-rescore", action="store_true",
         help="stop when the budget is met; run `finish` (or score, export, final, report) later",
@@ -613,11 +665,18 @@ def build_parser() -> Parser:
     p.add_argument("--dry-run", action="store_true", help="write the job scripts, submit nothing")
     p.set_defaults(func=cmd_slurm)
 
-    p = sub.add_parser("finish", help="rescore, export, final fit and report a study's trials")
+    p = sub.add_parser("finish", help="rescore, promote, final fit, export, report a study")
     study_options(p)
-    p.add_argument("--no-final", action="store_true", help="no final fit")
+    p.add_argument("--no-final", action="store_true", help="no promotion stage, no final fit")
+    worker_options(p)
     device_option(p)
     p.set_defaults(func=cmd_finish)
+
+    p = sub.add_parser("promote", help="train one finalist of the promotion stage")
+    study_options(p)
+    p.add_argument("--trial", type=int, required=True, help="the finalist's trial number")
+    device_option(p)
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("worker", help="join a study from another shell or machine")
     study_options(p)
@@ -644,8 +703,9 @@ def build_parser() -> Parser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.set_defaults(func=cmd_dashboard)
 
-    p = sub.add_parser("final", help="train the winner at the final budget, score it on test")
+    p = sub.add_parser("final", help="promote the finalists, fit the winner, score it on test")
     study_options(p)
+    worker_options(p)
     device_option(p)
     p.set_defaults(func=cmd_final)
 

@@ -6,8 +6,12 @@ fractions) is the study's; then scores both models on the same test images with 
 prints them side by side with their wall times. Everything lands under --out.
 
     python bench/handover.py --data ../shared/datasets/shapes [--space search_spaces/quick.yaml]
-                             [--out runs/handover] [--skip-recipe] [--skip-search]
+                             [--out runs/handover] [--repeats 3] [--skip-recipe] [--skip-search]
                              [--search-args "--gpus all --workers-per-gpu 2"]
+
+With --repeats N the search runs N times with sampler seeds 0..N-1 (`search --seed`), the same
+split each time, and the spread between their best.pt test figures is printed: which model a
+user gets should not depend on the run.
 """
 
 from __future__ import annotations
@@ -49,48 +53,63 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "configs" / "cpu-shapes.json"))
     parser.add_argument("--out", default=str(ROOT / "runs" / "handover"))
     parser.add_argument("--study", default="handover")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="searches with sampler seeds 0..N-1, each in OUT/run-SEED")  # fmt: skip
     parser.add_argument("--search-args", default="", help="more options for search, one string")
-    parser.add_argument("--skip-search", action="store_true", help="reuse the finished study")
+    parser.add_argument("--skip-search", action="store_true", help="reuse the finished studies")
     parser.add_argument("--skip-recipe", action="store_true", help="reuse recipe.pt")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = str(Path(args.data).resolve())
-    walls = {}
-    if not args.skip_search:
-        walls["search"] = timed(["search", "--space", str(Path(args.space).resolve()), "--study",
-                                 args.study, "--data", data, *shlex.split(args.search_args)],
-                                out, out / "search.log")  # fmt: skip
-    best_pt = out / "reports" / args.study / "best.pt"
-    best = json.loads((out / "reports" / args.study / "best.json").read_text())
+    runs = []  # (label, folder, best.json, wall)
+    for seed in range(args.repeats):
+        folder = out / f"run-{seed}" if args.repeats > 1 else out
+        folder.mkdir(exist_ok=True)
+        wall = None
+        if not args.skip_search:
+            wall = timed(["search", "--space", str(Path(args.space).resolve()), "--study",
+                          args.study, "--data", data, "--seed", str(seed),
+                          *shlex.split(args.search_args)], folder, folder / "search.log")  # fmt: skip
+        best = json.loads((folder / "reports" / args.study / "best.json").read_text())
+        runs.append((f"search seed {seed}: best.pt (trial {best['trial']})", folder, best, wall))
+    best = runs[0][2]
+    if any(b["split"] != best["split"] for _, _, b, _ in runs):
+        sys.exit("error: the searches' splits differ")
     recipe = json.loads(Path(args.recipe).read_text())
     for key in ("seed", "val_fraction", "test_fraction", "train_on"):  # the study's split
         recipe[key] = best["config"][key]
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
+    recipe_wall = None
     if not args.skip_recipe:
-        walls["recipe"] = timed(["train", "--config", "recipe.json", "--data", data, "--out",
-                                 "recipe.pt", "--quiet"], out, out / "recipe.log")  # fmt: skip
-    ours, theirs = test_score(best_pt, out), test_score(out / "recipe.pt", out)
+        recipe_wall = timed(["train", "--config", "recipe.json", "--data", data, "--out",
+                             "recipe.pt", "--quiet"], out, out / "recipe.log")  # fmt: skip
+    theirs = test_score(out / "recipe.pt", out)
     import torch
 
     split = torch.load(out / "recipe.pt", weights_only=True)["extra"]["split"]
     assert split == best["split"], "the recipe was not trained on the study's split"
-    classes = list(ours["per_class"])
+    rows = [(label, test_score(folder / "reports" / args.study / "best.pt", folder), wall)
+            for label, folder, _, wall in runs]  # fmt: skip
+    classes = list(theirs["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
           f"{len(split['test'])} test images; both trained on {best['config']['train_on']}")  # fmt: skip
     print(f"  {'model':<44}{'test mIoU':>10}" + "".join(f"{c:>11}" for c in classes)
           + f"{'wall s':>9}")  # fmt: skip
-    rows = [(f"search: best.pt (trial {best['trial']})", ours, walls.get("search")),
-            ("recipe: configs/cpu-shapes.json", theirs, walls.get("recipe"))]  # fmt: skip
 
     def cell(value, width: int, digits: str) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}{digits}}"
 
-    for label, s, wall in rows:
+    for label, s, wall in [*rows, ("recipe: " + Path(args.recipe).name, theirs, recipe_wall)]:
         print(f"  {label:<44}{cell(s['miou'], 10, '.4f')}"
               + "".join(cell(s["per_class"][c], 11, ".4f") for c in classes)
               + cell(wall, 9, ".0f"))  # fmt: skip
-    print(f"  search minus recipe: {ours['miou'] - theirs['miou']:+.4f} test mIoU")
+    gains = [s["miou"] - theirs["miou"] for _, s, _ in rows]
+    print("  search minus recipe: " + ", ".join(f"{g:+.4f}" for g in gains) + " test mIoU")
+    if len(rows) > 1:
+        values = [s["miou"] for _, s, _ in rows]
+        print(f"  spread between runs (max - min): {max(values) - min(values):.4f}; worst run "
+              f"minus recipe: {min(gains):+.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """What a search hands over: the winner, its best-config JSON, and the final fit (best.pt).
 
-The winner is the rescored trial with the best full-image mIoU on the validation images. The
-final fit trains its config with the space's `final:` overrides and scores it once on the test
-images, which nothing in the search has read.
+The winner is the finalist with the best full-image mIoU on the validation images at the final
+budget (segcore.promote), or, without a promotion stage, the rescored trial with the best one at
+the trial budget. The final fit trains its config with the space's `final:` overrides (or, when
+those train on the training images only, keeps the finalist's model, which is exactly that) and
+scores it once on the test images, which nothing in the search has read.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ import optuna
 import torch
 
 from segcore.artifacts import fetch, open_store
-from segcore.checkpoints import checkpoints
+from segcore.checkpoints import WARM_START, checkpoints
 from segcore.config import TrialConfig
 from segcore.errors import UserError
-from segcore.files import atomic_write, write_text
+from segcore.files import atomic_write, load_model, save_model, write_text
 from segcore.fit import fit
+from segcore.infer import evaluate
 from segcore.notes import write_notes
+from segcore.promote import choice_noise, finalist_path
 from segcore.space import Space, final_config
 from segcore.study import open_study, reports_dir, study_splits
 
 
 def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
-    """The rescored trial with the best validation full-image mIoU (ties: the earlier)."""
-    scores = study.user_attrs.get("full_image_scores")
+    """The finalist with the best validation full-image mIoU at the final budget, else the
+    rescored trial with the best one at the trial budget (ties: the earlier)."""
+    scores = study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")
     if not scores:
         name = study.study_name
         raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
@@ -42,6 +47,8 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
     folders, the split, the seed, the thread count, the precision), the winner's validation
     figures, and the final model's test figures once it is fitted."""
     trial, best = winner(study)
+    promoted = bool(study.user_attrs.get("promotion"))
+    scores = study.user_attrs.get("promotion") or study.user_attrs["full_image_scores"]
     final = study.user_attrs.get("final") or {}
     fitted = final.get("trial") == trial.number
     cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
@@ -60,6 +67,8 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
             "full_image_miou": best["miou"],
             "per_class": best["per_class"],
             "images": best["images"],
+            "budget": "final" if promoted else "trial",
+            "noise": choice_noise(scores, trial.number, warm_start_number(study)),
         },
         "test": final.get("test") if fitted else None,
         "model": str(reports_dir(study.study_name) / "best.pt") if fitted else None,
@@ -94,14 +103,40 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
     trial, _ = winner(study)
     cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
     splits = study_splits(study, space)
-    sources = {"data": study.user_attrs.get("data"), "test_data": study.user_attrs.get("test_data"),
-               "study": name, "trial": trial.number}  # fmt: skip
-    done = fit(cfg, splits, reports_dir(name) / "best.pt", sources=sources, device=device,
-               progress=progress)  # fmt: skip
+    out = reports_dir(name) / "best.pt"
+    finalist = finalist_path(name, trial.number)
+    if study.user_attrs.get("promotion") and cfg.train_on == "train" and finalist.is_file():
+        done = keep_finalist(finalist, out, splits, device, progress)
+    else:
+        sources = {"data": study.user_attrs.get("data"),
+                   "test_data": study.user_attrs.get("test_data"), "study": name,
+                   "trial": trial.number}  # fmt: skip
+        done = fit(cfg, splits, out, sources=sources, device=device, progress=progress,
+                   state=out.with_suffix(".state.pt"))  # fmt: skip
     study.set_user_attr("final", {
         "trial": trial.number, "test": done["test"], "threads": done["threads"],
         "device": done["device"], "precision": done["precision"], "train_on": done["train_on"],
-        "kept_epoch": done["kept_epoch"],
+        "kept_epoch": done["kept_epoch"], "kept_finalist": done.get("kept_finalist", False),
     })  # fmt: skip
     export(name, url)
     return done
+
+
+def keep_finalist(
+    finalist: Path, out: Path, splits, device: torch.device, progress: bool
+) -> dict[str, Any]:
+    """best.pt as the promoted finalist's own model (the final config trained on the training
+    images: what a refit would train again), scored once on the test images."""
+    model, payload = load_model(finalist, device)
+    cfg = payload["config"]
+    test = evaluate(model, splits.test.normalized(payload["normalization"]), cfg,
+                    progress=progress)  # fmt: skip
+    extra = {**payload["extra"], "test": test, "kept_finalist": True}
+    save_model(out, payload["state_dict"], cfg, in_channels=splits.train.channels,
+               labels=payload["labels"], norm=payload["normalization"], extra=extra)  # fmt: skip
+    return extra
+
+
+def warm_start_number(study: optuna.Study) -> int | None:
+    warm = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WARM_START)]
+    return warm[0] if warm else None

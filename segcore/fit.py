@@ -13,7 +13,7 @@ import torch
 
 from segcore.config import TrialConfig
 from segcore.device import precision_for
-from segcore.files import save_model
+from segcore.files import atomic_write, save_model
 from segcore.infer import evaluate
 from segcore.model import build_model
 from segcore.split import Splits
@@ -22,27 +22,40 @@ from segcore.train import train
 
 def fit(
     cfg: TrialConfig, splits: Splits, out: str | Path, *, sources: dict[str, Any],
-    device: torch.device, progress: bool = True,
+    device: torch.device, progress: bool = True, scored: str = "test",
+    state: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train `cfg` on its training images (with cfg.train_on "train+val", the validation images
-    too, keeping the last epoch; else the epoch of best validation patch mIoU), score the test
-    images with stitched inference, write the model file `out`; returns what it recorded there
-    (`sources`: where the images came from, recorded as they are)."""
+    too, keeping the last epoch; else the epoch of best validation patch mIoU), score the
+    `scored` images ("test", or "validation" for the promotion stage) with stitched inference,
+    write the model file `out`; returns what it recorded there (`sources`: where the images came
+    from, recorded as they are). With `state`, each epoch's training state is saved there
+    (atomically) and a fit stopped before its end resumes from it; it is removed once `out` is
+    written."""
+    saved = resume_from(state, cfg)
+    on_saved = None
+    if state is not None:
+
+        def on_saved(s: dict) -> None:
+            atomic_write(state, lambda tmp: torch.save({"config": cfg.to_dict(), **s}, tmp))
+
+    run = {"device": device, "progress": progress, "resume": saved, "on_saved": on_saved}
     if cfg.train_on == "train+val":
-        result = train(cfg, splits.train.join(splits.val), None, device=device, progress=progress)
+        result = train(cfg, splits.train.join(splits.val), None, **run)
     else:
-        result = train(cfg, splits.train, splits.val, device=device, progress=progress)
+        result = train(cfg, splits.train, splits.val, **run)
     model = build_model(cfg.arch, splits.train.channels, len(splits.train.classes), cfg.depth,
                         cfg.base_width, cfg.max_width)  # fmt: skip
     model.load_state_dict(result.state_dict)
-    test = evaluate(model.to(device), splits.test.normalized(result.norm), cfg, progress=progress)
+    images = splits.test if scored == "test" else splits.val
+    figures = evaluate(model.to(device), images.normalized(result.norm), cfg, progress=progress)
     extra = {
         **sources,
         "split": splits.names(),
         "train_on": cfg.train_on,
         "kept_epoch": result.best_epoch,
         "validation_patch_miou": result.best_patch_miou,
-        "test": test,
+        scored: figures,
         "history": result.history,
         "threads": torch.get_num_threads(),
         "device": device.type,
@@ -50,4 +63,18 @@ def fit(
     }
     save_model(out, result.state_dict, cfg, in_channels=splits.train.channels,
                labels=splits.train.labels, norm=result.norm, extra=extra)  # fmt: skip
+    if state is not None:
+        state.unlink(missing_ok=True)
     return extra
+
+
+def resume_from(state: Path | None, cfg: TrialConfig) -> dict | None:
+    """The training state a fit of `cfg` saved in `state`, if there is one (of another config,
+    or cut short: none, and the fit starts afresh)."""
+    if state is None or not state.is_file():
+        return None
+    try:
+        saved = torch.load(state, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (a file cut short by a crash is no state to resume)
+        return None
+    return saved if saved.pop("config", None) == cfg.to_dict() else None

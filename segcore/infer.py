@@ -144,17 +144,20 @@ def _tile_probs(model, tiles: torch.Tensor, tta: bool, device: torch.device) -> 
 
 
 def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_image=None) -> dict:
-    """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set.
+    """Full-image stitched mIoU and per-class IoU over every pixel of a labelled data set, and
+    each image's confusion matrix ("confusion", for bootstrap intervals: metrics.bootstrap_miou).
     `on_image(index, probs)`, if given, sees each image's class probabilities (C, H, W)."""
     from segcore.progress import progress as shown
 
     k = len(dataset.classes)
-    cm = np.zeros((k, k), np.int64)
+    per_image = []
     pairs = enumerate(zip(stitched(model, dataset.images, cfg), dataset.masks))
     for i, (probs, mask) in shown(pairs, len(dataset.images), "score", "images", progress):
-        cm += confusion_matrix(probs.argmax(0), torch.from_numpy(np.asarray(mask, np.int64)), k)
+        truth = torch.from_numpy(np.asarray(mask, np.int64))
+        per_image.append(confusion_matrix(probs.argmax(0), truth, k))
         if on_image is not None:
             on_image(i, probs)
+    cm = np.sum(per_image, axis=0) if per_image else np.zeros((k, k), np.int64)
     iou = iou_per_class(cm)
     return {
         "miou": mean_iou(cm),
@@ -162,4 +165,5 @@ def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_im
             name: (None if np.isnan(v) else float(v)) for name, v in zip(dataset.classes, iou)
         },
         "images": len(dataset.images),
+        "confusion": [c.tolist() for c in per_image],
     }

@@ -28,3 +28,26 @@ def mean_iou(cm: np.ndarray) -> float:
     """Mean IoU over the classes present in truth or prediction (Keras MeanIoU semantics)."""
     iou = iou_per_class(cm)
     return float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan")
+
+
+BOOTSTRAP = 2000  # resamples: the 2.5 and 97.5 % quantiles move by under 0.0005 mIoU past this
+
+
+def bootstrap_miou(
+    per_image: np.ndarray, baseline: np.ndarray | None = None, resamples: int = BOOTSTRAP,
+    seed: int = 0,
+) -> tuple[float, float]:  # fmt: skip
+    """95 % interval of the mIoU of a set of images, resampling whole images with replacement:
+    `per_image` (N, K, K) holds each image's confusion matrix. With `baseline` (the same images'
+    matrices for another model) the interval is of the difference mIoU - mIoU(baseline), both
+    computed on the same resampled images (paired): a margin whose interval holds 0 is within
+    what another draw of validation images could reverse."""
+    cms = np.asarray(per_image, np.int64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(cms), size=(resamples, len(cms)))
+    values = np.array([mean_iou(cms[p].sum(0)) for p in picks])
+    if baseline is not None:
+        base = np.asarray(baseline, np.int64)
+        values -= np.array([mean_iou(base[p].sum(0)) for p in picks])
+    low, high = np.nanquantile(values, [0.025, 0.975])
+    return float(low), float(high)

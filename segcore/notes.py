@@ -13,6 +13,7 @@ import json
 import optuna
 
 from segcore.checkpoints import top_trials
+from segcore.promote import margin_text
 
 
 def _iou_table(per_class: dict[str, float | None]) -> list[str]:
@@ -52,11 +53,13 @@ def study_note(study: optuna.Study, record: dict) -> str:
     name, split, model = study.study_name, record.get("split") or {}, record["model"]
     sizes = ", ".join(f"{len(split.get(k, []))} {k}" for k in ("train", "validation", "test"))
     v, test = record["validation"], record["test"]
+    among = ("the finalists, each trained at the final budget" if v.get("budget") == "final"
+             else "the rescored trials, at the trial budget")  # fmt: skip
     why = (
         f"Chosen for the best **validation full-image mIoU** ({v['full_image_miou']:.4f} on "
-        f"{v['images']} validation images) among the rescored trials; its validation patch mIoU "
-        f"was {v['patch_miou']:.4f}."
-    )
+        f"{v['images']} validation images) among {among}; its validation patch mIoU in the "
+        f"search was {v['patch_miou']:.4f}. {margin_text(v['noise']) if v.get('noise') else ''}"
+    ).rstrip()
     lines = [f"## Study {name}: the winner is trial {record['trial']}", "", why, "",
              f"Images: {sizes}."]  # fmt: skip
     if test is None:

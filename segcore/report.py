@@ -114,20 +114,27 @@ def _fmt(value) -> str:
 def handed_over(study: optuna.Study) -> list[dict]:
     """The winner's validation figures (which chose it) beside the final model's test figures
     (which nothing chose from): rows of (what, images, mIoU, per-class IoU)."""
-    scores = study.user_attrs.get("full_image_scores") or {}
+    from segcore.final import warm_start_number, winner
+    from segcore.promote import choice_noise, margin_text
+
+    scores = study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")
     if not scores:
         return []
-    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    trial, best = winner(study)
+    budget = "final" if study.user_attrs.get("promotion") else "trial"
+    noise = choice_noise(scores, trial.number, warm_start_number(study))
     rows = [
         {
-            "what": f"winner: trial {number}, validation full-image mIoU (chose it)",
+            "what": f"winner: trial {trial.number}, validation full-image mIoU at the {budget} "
+            f"budget (chose it)",
             "images": best["images"],
             "miou": best["miou"],
             "per_class": best["per_class"],
+            "margin": margin_text(noise),
         }
     ]
     final = study.user_attrs.get("final") or {}
-    if final.get("trial") == int(number):
+    if final.get("trial") == trial.number:
         test = final["test"]
         rows.append({"what": f"final model best.pt (trained on {final['train_on']}), test mIoU",
                      "images": test["images"], "miou": test["miou"],
@@ -153,7 +160,8 @@ def _handed_over_html(rows: list[dict]) -> str:
                f"estimate.</p>")  # fmt: skip
     else:
         gap = "<p>No final fit yet (<code>final --study NAME</code>): no test figure.</p>"
-    return f"<table><tr>{head}</tr>{body}</table>{gap}"
+    margin = f"<p>{html.escape(rows[0]['margin'])}</p>" if rows[0].get("margin") else ""
+    return f"<table><tr>{head}</tr>{body}</table>{margin}{gap}"
 
 
 def _index_html(name: str, plots: list[tuple[str, str, str | None]], rows: list[dict],

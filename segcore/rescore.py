@@ -17,6 +17,7 @@ from segcore.errors import UserError
 from segcore.files import write_text
 from segcore.infer import evaluate
 from segcore.pictures import prediction_panel
+from segcore.promote import with_interval
 from segcore.study import open_study, reports_dir, study_splits
 
 PANEL_IMAGES = 3  # prediction pictures per rescored trial
@@ -52,10 +53,11 @@ def score(
         shown.clear()
         scored = val_set.normalized(payload["normalization"])
         result = evaluate(model, scored, payload["config"], progress=progress, on_image=remember)
-        scores[str(t.number)] = {"patch_miou": t.value, **result}
+        scores[str(t.number)] = {"patch_miou": t.value, **with_interval(result)}
         if panels:
             attach_panels(study, t, shown, payload, scored, result["miou"], store)
     study.set_user_attr("full_image_scores", scores)
+    study.set_user_attr("promotion", None)  # the finalists follow these scores: promote again
     write_text(reports_dir(name) / "scores.json", json.dumps(scores, indent=2) + "\n")
     return scores
 

@@ -19,7 +19,16 @@ from segcore.errors import UserError
 from segcore.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
 
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
-STUDY_KEYS = {"n_trials", "metric", "sampler", "pruner", "top_k", "warm_start", "timeout"}
+STUDY_KEYS = {
+    "n_trials",
+    "metric",
+    "sampler",
+    "pruner",
+    "top_k",
+    "warm_start",
+    "timeout",
+    "finalists",
+}
 # One value for every trial of a study: the split and the validation patch set, so that trials
 # are compared on the same images and pixels; and what only `train` / the final fit use.
 PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
@@ -41,6 +50,9 @@ class Space:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     top_k: int = 3
     warm_start: bool = False
+    # the promotion stage (segcore.promote): how many rescored trials are trained at the final
+    # budget before the winner is chosen; 0: the winner is chosen at the trial budget
+    finalists: int = 0
     timeout: float | None = None  # seconds of trials a search runs at most (--timeout)
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = "space"
@@ -152,6 +164,10 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
         out["top_k"] = number(study["top_k"], f"{source}: study.top_k", "int")
         if out["top_k"] < 1:
             raise UserError(f"{source}: study.top_k: must be at least 1")
+    if "finalists" in study:
+        out["finalists"] = number(study["finalists"], f"{source}: study.finalists", "int")
+        if out["finalists"] < 0:
+            raise UserError(f"{source}: study.finalists: 0 (no promotion stage) or more")
     if "timeout" in study:
         out["timeout"] = number(study["timeout"], f"{source}: study.timeout", "float")
         if out["timeout"] < 0:

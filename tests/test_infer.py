@@ -133,6 +133,9 @@ def test_evaluate_scores_with_the_configs_stitching(model):
         for c in range(3):
             inter[c] += ((pred == c) & (mask == c)).sum()
             union[c] += ((pred == c) | (mask == c)).sum()
+        # each image's confusion matrix (rows truth, columns prediction), for the bootstrap
+        counted = [[int(((mask == t) & (pred == q)).sum()) for q in range(3)] for t in range(3)]
+        assert out["confusion"][i] == counted
     iou = inter / union
     assert out["images"] == 2 and out["miou"] == pytest.approx(iou.mean(), abs=1e-12)
     assert out["per_class"] == pytest.approx(dict(zip(["bg", "line", "ellipse"], iou)))

@@ -50,3 +50,22 @@ def test_no_pixels_of_any_class_is_nan_and_mismatched_sizes_are_refused():
     assert math.isnan(mean_iou(np.zeros((3, 3), np.int64)))
     with pytest.raises(ValueError, match="^prediction has 4 pixels, truth 6$"):
         confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 3), int), 3)
+
+
+def test_bootstrap_interval_of_images_and_of_a_paired_margin():
+    from segcore.metrics import bootstrap_miou
+
+    a = np.array([[90, 10], [5, 95]])
+    b = np.array([[50, 50], [40, 60]])
+    # the same image twice: every resample is that image, the interval is its mIoU
+    assert bootstrap_miou([a, a]) == pytest.approx((mean_iou(a), mean_iou(a)))
+    # two images: resamples are aa, ab, ba, bb (a quarter each), so the 95 % interval spans
+    # from both-bad to both-good
+    low, high = bootstrap_miou([a, b])
+    assert (low, high) == pytest.approx((mean_iou(2 * b), mean_iou(2 * a)))
+    # a margin against the model itself is exactly 0; a model better on every image has a
+    # margin interval above 0; better on one image and worse on the other: 0 is inside
+    assert bootstrap_miou([a, b], baseline=[a, b]) == (0.0, 0.0)
+    assert bootstrap_miou([a, a], baseline=[b, b])[0] > 0
+    low, high = bootstrap_miou([a, b], baseline=[b, a])
+    assert low < 0 < high

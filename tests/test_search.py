@@ -162,3 +162,50 @@ def test_every_command_on_postgres(workdir, postgres_url):
     logs = [f.read_text() for f in (workdir / "storage" / "p").glob("worker-*.log")]
     for text in [out.stdout, out.stderr, joined.stderr, score.stderr, log, *logs]:
         assert password not in text
+
+
+def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_handed_over(
+    workdir,
+):
+    """study.finalists: the two best rescored trials are trained again with the final config,
+    in two processes at once, scored on whole validation images; the best of them is the
+    winner, and with `final: train_on: train` its model is best.pt as it is (no refit)."""
+    space = tiny_space(3, 2).replace("  top_k: 2\n", "  top_k: 2\n  finalists: 2\n")
+    space += "final: {epochs: 4, train_on: train}\n"
+    (workdir / "promoted.yaml").write_text(space)
+    out = cli(workdir, "search", "--space", "promoted.yaml", "--study", "p", "--data", "d",
+              "--workers", 2, "--quiet")  # fmt: skip
+    reports = workdir / "reports" / "p"
+    scores = json.loads((reports / "scores.json").read_text())
+    promoted = json.loads((reports / "promotion.json").read_text())
+    assert set(promoted) == set(scores) and len(promoted) == 2  # top_k 2, both finalists
+    for number, s in promoted.items():
+        assert s["interval"][0] <= s["miou"] <= s["interval"][1]
+        assert f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f}" in out.stdout
+        assert (workdir / "storage" / "p" / f"promote-{number}.log").is_file()  # its own process
+        finalist = torch.load(reports / "finalists" / f"trial-{number}.pt", weights_only=True)
+        assert finalist["config"]["epochs"] == 4 and finalist["config"]["train_on"] == "train"
+        assert (
+            finalist["extra"]["validation"]["miou"] == s["miou"] and "test" not in finalist["extra"]
+        )
+    best = json.loads((reports / "best.json").read_text())
+    number, top = max(promoted.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
+    assert best["trial"] == int(number) and best["validation"]["budget"] == "final"
+    assert best["validation"]["full_image_miou"] == top["miou"]
+    noise = best["validation"]["noise"]
+    other = next(n for n in promoted if n != number)
+    assert noise["runner_up"]["trial"] == int(other)
+    assert noise["runner_up"]["margin"] == pytest.approx(top["miou"] - promoted[other]["miou"])
+    # best.pt is the winning finalist's model, scored once on the test images
+    handed = torch.load(workdir / best["model"], weights_only=True)
+    finalist = torch.load(reports / "finalists" / f"trial-{number}.pt", weights_only=True)
+    assert all(torch.equal(handed["state_dict"][k], v) for k, v in finalist["state_dict"].items())
+    assert (
+        handed["extra"]["kept_finalist"] and handed["extra"]["test"]["miou"] == best["test"]["miou"]
+    )
+    # finishing again trains no finalist again: their model files are kept as they are
+    stamps = {f: f.stat().st_mtime_ns for f in (reports / "finalists").glob("trial-*.pt")}
+    again = cli(workdir, "finish", "--study", "p", "--quiet")
+    assert "promotion: training" not in again.stderr
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    assert json.loads((reports / "best.json").read_text())["trial"] == best["trial"]

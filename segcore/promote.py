@@ -1,0 +1,209 @@
+"""The promotion stage: the finalists trained at the budget the product is trained at, before
+one of them is handed over.
+
+Trials run at a fraction of the final budget (quick.yaml: 1/17 of the final fit's patches). That
+ranks configurations well enough to find candidates, not to rank the candidates: their margins
+on whole validation images at the trial budget are often smaller than the validation set's noise
+(the same quick search on `shapes` handed over the recipe once, and a model 0.006 test mIoU
+better the next time). So the best `study.finalists` rescored trials, the warm start (the
+recipe) always among them, are each trained with the final config (the space's `final:`) on the
+training images, keeping the epoch of best validation patch mIoU, and scored on whole
+validation images at that budget; the winner is the best of them there (segcore.final).
+
+Each finalist is a model file, reports/NAME/finalists/trial-N.pt. A finalist stopped before its
+end (Ctrl-C, a time limit, a killed job) resumes from its per-epoch state, trial-N.state.pt; one
+already trained is not trained again. The finalists train in parallel, one per worker process
+(pinned to its GPU, as the search's workers are), each a `promote --trial N` command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from segcore.checkpoints import WARM_START
+from segcore.config import TrialConfig
+from segcore.errors import UserError
+from segcore.files import write_text
+from segcore.fit import fit
+from segcore.metrics import bootstrap_miou
+from segcore.space import Space, final_config
+from segcore.study import open_study, reports_dir, study_splits
+
+
+def finalist_numbers(study: optuna.Study, space: Space) -> list[int]:
+    """The best `space.finalists` rescored trials by validation full-image mIoU, the warm start
+    counted among them whatever its rank (ties: the earlier trial)."""
+    if space.finalists == 0:
+        return []
+    scores = study.user_attrs.get("full_image_scores") or {}
+    ranked = sorted(scores, key=lambda n: (-scores[n]["miou"], int(n)))
+    warm = [n for n in ranked if study.trials[int(n)].user_attrs.get(WARM_START)]
+    others = [n for n in ranked if n not in warm][: max(0, space.finalists - len(warm))]
+    return sorted(int(n) for n in others + warm)
+
+
+def promotion_config(study: optuna.Study, space: Space, number: int) -> TrialConfig:
+    """What a finalist trains: its final config on the training images only (the validation
+    images choose its epoch and score it)."""
+    cfg = final_config(TrialConfig.from_dict(study.trials[number].user_attrs["config"]), space)
+    return TrialConfig.from_dict({**cfg.to_dict(), "train_on": "train"})
+
+
+def finalist_path(name: str, number: int) -> Path:
+    return reports_dir(name) / "finalists" / f"trial-{number}.pt"
+
+
+def trained(name: str, cfg: TrialConfig, number: int) -> dict | None:
+    """A finalist's recorded figures if its model file holds this config, else None."""
+    path = finalist_path(name, number)
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["extra"] if payload["config"] == cfg.to_dict() else None
+
+
+def promote_one(name: str, url: str, number: int, device: torch.device, progress: bool) -> dict:
+    """Train finalist `number` (or resume it), score it on whole validation images; returns
+    what its model file records."""
+    study, space = open_study(name, url)
+    if number not in finalist_numbers(study, space):
+        raise UserError(f"--trial {number}: not a finalist of study {name!r}")
+    cfg = promotion_config(study, space, number)
+    done = trained(name, cfg, number)
+    if done is not None:
+        return done
+    path = finalist_path(name, number)
+    sources = {"data": study.user_attrs.get("data"), "test_data": study.user_attrs.get("test_data"),
+               "study": name, "trial": number}  # fmt: skip
+    return fit(cfg, study_splits(study, space), path, sources=sources, device=device,
+               progress=progress, scored="validation", state=path.with_suffix(".state.pt"))  # fmt: skip
+
+
+def with_interval(score: dict) -> dict:
+    """`score` with the 95 % per-image bootstrap interval of its mIoU."""
+    return {**score, "interval": list(bootstrap_miou(score["confusion"]))}
+
+
+def promote(
+    name: str, url: str, *, workers: int, gpus: list[int], device: str | None, quiet: bool
+) -> dict[str, dict]:
+    """The promotion stage: train the finalists not yet trained (in parallel, up to `workers`
+    processes), then record every finalist's validation figures at the final budget in the
+    study ("promotion") and reports/NAME/promotion.json. Returns them by trial number."""
+    study, space = open_study(name, url)
+    numbers = finalist_numbers(study, space)
+    todo = [n for n in numbers if trained(name, promotion_config(study, space, n), n) is None]
+    if todo:
+        print(f"promotion: training {len(todo)} of finalists {numbers} at the final budget "
+              f"({min(len(todo), workers)} at a time)", file=sys.stderr)  # fmt: skip
+        run_finalists(name, url, todo, min(workers, len(todo)), gpus, device, quiet)
+    scores = {}
+    for n in numbers:
+        extra = trained(name, promotion_config(study, space, n), n)
+        if extra is None:
+            raise UserError(f"--study {name}: finalist trial {n} has no model file; run again")
+        scores[str(n)] = {
+            "patch_miou": extra["validation_patch_miou"], "kept_epoch": extra["kept_epoch"],
+            **with_interval(extra["validation"]),
+        }  # fmt: skip
+    study.set_user_attr("promotion", scores)
+    write_text(reports_dir(name) / "promotion.json", json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def run_finalists(
+    name: str, url: str, numbers: list[int], parallel: int, gpus: list[int], device: str | None,
+    quiet: bool,
+) -> None:  # fmt: skip
+    """`promote --trial N` for each of `numbers`, `parallel` at a time, as the search's workers
+    run: forked from the fork server, pinned to a GPU, logs in storage/NAME/promote-N.log.
+    Ctrl-C stops them all (each resumes from its last epoch next time)."""
+    from segcore.storage import STORAGE_ENV
+    from segcore.workers import ENTRY, PARENT_ENV, fork_server, run_command, worker_env
+
+    if parallel <= 1 and not gpus:  # one at a time: here, no process to start
+        from segcore.device import pick_device
+
+        for n in numbers:
+            promote_one(name, url, n, pick_device(device), progress=not quiet)
+        return
+    context, logs = fork_server(), Path("storage") / name
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    waiting, running = list(numbers), {}
+    try:
+        while waiting or running:
+            free = [i for i in range(parallel) if i not in running]
+            while waiting and free:
+                slot, n = free.pop(0), waiting.pop(0)
+                env = {**worker_env(slot, gpus, threads), STORAGE_ENV: url,
+                       PARENT_ENV: str(os.getpid())}  # fmt: skip
+                argv = [str(ENTRY), "promote", "--study", name, "--trial", str(n), "--quiet",
+                        "--device", device or "auto"]  # fmt: skip
+                log = str((logs / f"promote-{n}.log").resolve())
+                proc = context.Process(target=run_command, args=(argv, env, log))
+                proc.start()
+                running[slot] = (n, proc, log)
+            for slot, (n, proc, log) in list(running.items()):
+                if proc.exitcode is None:
+                    continue
+                del running[slot]
+                if proc.exitcode:
+                    raise UserError(f"--study {name}: the promotion of trial {n} stopped with "
+                                    f"status {proc.exitcode}; see {log}")  # fmt: skip
+            time.sleep(0.5)
+    finally:  # Ctrl-C or a failed finalist: stop the others (they resume next time)
+        for _, proc, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGINT)
+        for _, proc, _ in running.values():
+            proc.join(timeout=30)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+
+
+def choice_noise(scores: dict[str, dict], winner: int, warm: int | None) -> dict:
+    """How sure the choice of `winner` among `scores` (by trial number, each with its images'
+    confusion matrices) is: its 95 % interval, and its margin over the runner-up and over the
+    warm start with paired bootstrap intervals; `within_noise` when an interval holds 0."""
+    best = scores[str(winner)]
+    if any("confusion" not in s for s in scores.values()):  # scored before intervals existed
+        return {}
+    out: dict = {"interval": list(bootstrap_miou(best["confusion"]))}
+    ranked = sorted(scores, key=lambda n: (-scores[n]["miou"], int(n)))
+    others = {"runner_up": next((int(n) for n in ranked if int(n) != winner), None),
+              "warm_start": warm if warm != winner else None}  # fmt: skip
+    for key, number in others.items():
+        if number is None or str(number) not in scores:
+            continue
+        other = scores[str(number)]
+        low, high = bootstrap_miou(best["confusion"], baseline=other["confusion"])
+        out[key] = {"trial": number, "margin": best["miou"] - other["miou"],
+                    "interval": [low, high], "within_noise": bool(low <= 0 <= high)}  # fmt: skip
+    out["within_noise"] = any(out.get(k, {}).get("within_noise", False) for k in others)
+    return out
+
+
+def margin_text(noise: dict) -> str:
+    """One sentence on how sure the choice is, for notes, the report and the CLI."""
+    parts = []
+    for key, what in (("runner_up", "the runner-up"), ("warm_start", "the warm start")):
+        if key in noise:
+            m = noise[key]
+            parts.append(f"{m['margin']:+.4f} over {what} (trial {m['trial']}; 95 % interval "
+                         f"{m['interval'][0]:+.4f} to {m['interval'][1]:+.4f})")  # fmt: skip
+    if not parts:
+        return ""
+    verdict = ("within the validation noise: another draw of validation images could reverse "
+               "this choice" if noise["within_noise"] else "outside the validation noise")  # fmt: skip
+    return f"Margin {'; '.join(parts)}: {verdict}."

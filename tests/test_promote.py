@@ -1,0 +1,68 @@
+"""The promotion stage's choices, in process: which trials are finalists, and how sure the choice
+among them is. The stage itself runs end to end in tests/test_search.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import optuna
+import pytest
+
+from segcore.checkpoints import WARM_START
+from segcore.errors import UserError
+from segcore.metrics import mean_iou
+from segcore.promote import choice_noise, finalist_numbers, margin_text
+from segcore.space import parse_space
+
+SPACE = {"search": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True}},
+         "fixed": {"epochs": 1}, "study": {"finalists": 2}}  # fmt: skip
+
+
+def study_with(full_image: dict[int, float], warm: int | None) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for n in range(max(full_image) + 1):
+        attrs = {WARM_START: True} if n == warm else {}
+        study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={},
+                                                  user_attrs=attrs))  # fmt: skip
+    study.set_user_attr("full_image_scores", {str(n): {"miou": m} for n, m in full_image.items()})
+    return study
+
+
+def test_finalists_are_the_best_on_whole_images_with_the_warm_start_always_among_them():
+    space = parse_space(SPACE, "space")
+    scores = {0: 0.80, 1: 0.90, 2: 0.85, 3: 0.90}
+    assert finalist_numbers(study_with(scores, None), space) == [1, 3]  # a tie: both, by number
+    assert finalist_numbers(study_with(scores, 0), space) == [0, 1]  # the recipe, last, is in
+    assert finalist_numbers(study_with(scores, 3), space) == [1, 3]  # in on its own rank
+    three = dataclasses.replace(space, finalists=3)
+    assert finalist_numbers(study_with(scores, 0), three) == [0, 1, 3]
+    assert finalist_numbers(study_with(scores, 0), dataclasses.replace(space, finalists=0)) == []
+
+
+def test_finalists_must_be_a_count():
+    with pytest.raises(UserError, match=r"study.finalists: 0 \(no promotion stage\) or more"):
+        parse_space({**SPACE, "study": {"finalists": -1}}, "space")
+    assert parse_space({**SPACE, "study": {}}, "space").finalists == 0  # off unless asked
+
+
+def image(hits: int, misses: int) -> list[list[int]]:
+    """A two-class image's confusion matrix: `hits` right per class, `misses` wrong per class."""
+    return [[hits, misses], [misses, hits]]
+
+
+def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
+    steady = {"0": {"miou": 0.0, "confusion": [image(90, 10)] * 6},  # the warm start
+              "1": {"miou": 0.0, "confusion": [image(95, 5)] * 6},  # better on every image
+              "2": {"miou": 0.0, "confusion": [image(99, 1), image(90, 10)] * 3}}  # fmt: skip
+    for s in steady.values():
+        s["miou"] = mean_iou(np.sum(s["confusion"], axis=0))
+    noise = choice_noise(steady, 1, warm=0)
+    assert noise["warm_start"]["trial"] == 0 and not noise["warm_start"]["within_noise"]
+    assert noise["warm_start"]["interval"][0] > 0
+    assert noise["runner_up"]["trial"] == 2 and noise["runner_up"]["within_noise"]
+    assert noise["within_noise"] and "within the validation noise" in margin_text(noise)
+    alone = choice_noise({k: steady[k] for k in ("0", "1")}, 1, warm=0)
+    assert not alone["within_noise"] and "outside the validation noise" in margin_text(alone)
+    assert "warm_start" not in choice_noise(steady, 0, warm=0)  # the winner is the warm start
+    assert choice_noise({"0": {"miou": 0.5}}, 0, warm=None) == {}  # scored before intervals
