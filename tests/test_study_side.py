@@ -381,6 +381,42 @@ def test_one_validation_patch_size_for_every_trial(tmp_path, monkeypatch):
     assert again == pytest.approx(small.value, abs=1e-9)
 
 
+def test_an_interrupted_final_fit_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    """Ctrl-C during the final fit (or a killed finishing job): the next run goes on from the
+    epoch state beside best.pt and ends exactly as a fit never stopped."""
+    import segcore.fit
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["final"] = {"epochs": 3, "train_on": "train"}
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.trial(**GOOD)
+    score("s", run.url, progress=False, panels=False)
+    train = segcore.fit.train
+
+    def stopped_after_epoch_0(*args, on_saved, **kwargs):
+        def save(state):
+            on_saved(state)
+            if state["epoch"] == 0:
+                raise KeyboardInterrupt
+
+        return train(*args, on_saved=save, **kwargs)
+
+    monkeypatch.setattr(segcore.fit, "train", stopped_after_epoch_0)
+    with pytest.raises(KeyboardInterrupt):
+        final_fit("s", run.url, device=CPU, progress=False)
+    reports = tmp_path / "reports" / "s"
+    assert (reports / "best.state.pt").is_file() and not (reports / "best.pt").exists()
+    monkeypatch.setattr(segcore.fit, "train", train)
+    resumed = final_fit("s", run.url, device=CPU, progress=False)
+    assert not (reports / "best.state.pt").exists()
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    again = final_fit("s", run.url, device=CPU, progress=False)  # from scratch: no state left
+    assert [h["patch_miou"] for h in again["history"]] == [
+        h["patch_miou"] for h in resumed["history"]
+    ]
+    assert again["test"]["miou"] == resumed["test"]["miou"]
+
+
 def test_a_worker_killed_while_dropping_its_older_state_resumes_from_the_newer(
     tmp_path, monkeypatch
 ):
