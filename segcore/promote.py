@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -140,8 +141,14 @@ def run_finalists(
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // parallel)
     waiting, running = list(numbers), {}
+    started = shown = time.monotonic()
     try:
         while waiting or running:
+            if not quiet and time.monotonic() - shown >= 30:
+                shown = time.monotonic()
+                where = ", ".join(f"trial {n} {last_epoch(log)}" for n, _, log in running.values())
+                print(f"promotion: {where}; {len(waiting)} waiting; "
+                      f"{time.monotonic() - started:.0f} s", file=sys.stderr)  # fmt: skip
             free = [i for i in range(parallel) if i not in running]
             while waiting and free:
                 slot, n = free.pop(0), waiting.pop(0)
@@ -170,6 +177,15 @@ def run_finalists(
             if proc.exitcode is None:
                 proc.kill()
                 proc.join()
+
+
+def last_epoch(log: str) -> str:
+    """'epoch E/N' of the newest epoch line in a finalist's log, or 'starting'."""
+    with contextlib.suppress(OSError):
+        found = re.findall(r"^epoch (\d+/\d+)", Path(log).read_text(), re.MULTILINE)
+        if found:
+            return f"epoch {found[-1]}"
+    return "starting"
 
 
 def choice_noise(scores: dict[str, dict], winner: int, warm: int | None) -> dict:

@@ -54,9 +54,12 @@ def worker_script(
 
 
 def finish_script(name: str, cpus: int, gpus: int, options: list[str], final: bool) -> str:
-    """The last job: rescoring, export, the final fit (unless not `final`), the report."""
+    """The last job: rescoring, the promotion stage and the final fit (unless not `final`),
+    export, the report. The finalists train one after another on the job's own CPUs or GPU."""
     lines = _header(f"{name}-finish", str(folder(name) / "finish.log"), cpus, gpus, options)
-    command = [sys.executable, str(ENTRY), "finish", "--study", name, "--quiet"]
+    command = [sys.executable, str(ENTRY), "finish", "--study", name, "--quiet", "--workers", "1"]
+    if gpus:
+        command += ["--gpus", "all"]
     if not final:
         command.append("--no-final")
     lines += ["", f"export OMP_NUM_THREADS={cpus}", "exec " + shlex.join(command)]
