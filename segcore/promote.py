@@ -63,13 +63,19 @@ def finalist_path(name: str, number: int) -> Path:
     return reports_dir(name) / "finalists" / f"trial-{number}.pt"
 
 
-def trained(name: str, cfg: TrialConfig, number: int) -> dict | None:
-    """A finalist's recorded figures if its model file holds this config, else None."""
-    path = finalist_path(name, number)
+def trained(study: optuna.Study, space: Space, number: int) -> dict | None:
+    """A finalist's recorded figures if its model file holds its promotion config trained on
+    the study's split (not a file left by an earlier study of the name), else None."""
+    path = finalist_path(study.study_name, number)
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    return payload["extra"] if payload["config"] == cfg.to_dict() else None
+    same = payload["config"] == promotion_config(study, space, number).to_dict()
+    return (
+        payload["extra"]
+        if same and payload["extra"]["split"] == study.user_attrs["split"]
+        else None
+    )
 
 
 def promote_one(name: str, url: str, number: int, device: torch.device, progress: bool) -> dict:
@@ -78,10 +84,10 @@ def promote_one(name: str, url: str, number: int, device: torch.device, progress
     study, space = open_study(name, url)
     if number not in finalist_numbers(study, space):
         raise UserError(f"--trial {number}: not a finalist of study {name!r}")
-    cfg = promotion_config(study, space, number)
-    done = trained(name, cfg, number)
+    done = trained(study, space, number)
     if done is not None:
         return done
+    cfg = promotion_config(study, space, number)
     path = finalist_path(name, number)
     sources = {"data": study.user_attrs.get("data"), "test_data": study.user_attrs.get("test_data"),
                "study": name, "trial": number}  # fmt: skip
@@ -102,14 +108,14 @@ def promote(
     study ("promotion") and reports/NAME/promotion.json. Returns them by trial number."""
     study, space = open_study(name, url)
     numbers = finalist_numbers(study, space)
-    todo = [n for n in numbers if trained(name, promotion_config(study, space, n), n) is None]
+    todo = [n for n in numbers if trained(study, space, n) is None]
     if todo:
         print(f"promotion: training {len(todo)} of finalists {numbers} at the final budget "
               f"({min(len(todo), workers)} at a time)", file=sys.stderr)  # fmt: skip
         run_finalists(name, url, todo, min(workers, len(todo)), gpus, device, quiet)
     scores = {}
     for n in numbers:
-        extra = trained(name, promotion_config(study, space, n), n)
+        extra = trained(study, space, n)
         if extra is None:
             raise UserError(f"--study {name}: finalist trial {n} has no model file; run again")
         scores[str(n)] = {
