@@ -486,20 +486,27 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-def cmd_worker(args) -> int:
+def as_launched() -> None:
+    """In a process the launcher (or the promotion stage) started: die with it, and use the
+    threads it gave."""
     import os
 
     import torch
 
-    from segcore.device import pick_device
-    from segcore.worker import run_worker
     from segcore.workers import die_with_launcher
 
     die_with_launcher()
-    check_timeout(args.timeout)
     threads = os.environ.get("TRAIN_OPTUNA_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def cmd_worker(args) -> int:
+    from segcore.device import pick_device
+    from segcore.worker import run_worker
+
+    as_launched()
+    check_timeout(args.timeout)
     name, url = _study_args(args)
     pick_device(args.device)
     return run_worker(name, url, args.seed, args.device, args.timeout)
@@ -507,18 +514,10 @@ def cmd_worker(args) -> int:
 
 def cmd_promote(args) -> int:
     """One finalist of the promotion stage (what `search` and `finish` start, one per worker)."""
-    import os
-
-    import torch
-
     from segcore.device import pick_device
     from segcore.promote import promote_one
-    from segcore.workers import die_with_launcher
 
-    die_with_launcher()
-    threads = os.environ.get("TRAIN_OPTUNA_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    as_launched()
     name, url = _study_args(args)
     done = promote_one(name, url, args.trial, pick_device(args.device), progress=not args.quiet)
     print(f"finalist trial {args.trial}: validation full-image mIoU "
