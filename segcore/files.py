@@ -16,6 +16,7 @@ from segcore.config import TrialConfig
 from segcore.data import Normalization
 from segcore.device import memory_format_for
 from segcore.errors import UserError
+from segcore.infer import Ensemble
 from segcore.labels import Labels
 from segcore.model import build_model
 
@@ -80,10 +81,13 @@ def save_model(
     labels: Labels,
     norm: Normalization,
     extra: dict | None = None,
+    members: list[tuple[dict[str, torch.Tensor], TrialConfig]] = (),
 ) -> None:
     """Write a model file that loads with weights_only=True: tensors and plain values only.
     The class mapping (`labels`) and the input normalisation belong to the model: evaluate and
-    predict decode and normalise any folder with them."""
+    predict decode and normalise any folder with them. With `members` (weights and config of
+    more models of the same classes), the file is an ensemble: load_model gives an Ensemble of
+    this model and them."""
     payload = {
         "format": MODEL_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in state.items()},
@@ -95,7 +99,19 @@ def save_model(
         "normalization": norm.to_dict(),
         "extra": extra or {},
     }
+    if members:
+        payload["members"] = [{"state_dict": {k: v.detach().cpu() for k, v in st.items()},
+                               "config": c.to_dict()} for st, c in members]  # fmt: skip
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _build(config: dict, state: dict, payload: dict, path: Path) -> tuple:
+    """(model with `state` loaded, its TrialConfig) for one model of a model file."""
+    cfg = TrialConfig.from_dict(config, str(path))
+    model = build_model(cfg.arch, payload["in_channels"], len(payload["classes"]), cfg.depth,
+                        cfg.base_width, cfg.max_width)  # fmt: skip
+    model.load_state_dict(state)
+    return model, cfg
 
 
 def load_model(path: str | Path, device: torch.device):
@@ -116,12 +132,10 @@ def load_model(path: str | Path, device: torch.device):
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{path}: not a train_optuna model file")
     try:  # a file edited by hand, or whose parts do not fit together
-        cfg = TrialConfig.from_dict(payload["config"], str(path))
-        model = build_model(
-            cfg.arch, payload["in_channels"], len(payload["classes"]), cfg.depth, cfg.base_width,
-            cfg.max_width,
-        )  # fmt: skip
-        model.load_state_dict(payload["state_dict"])
+        parts = [payload, *payload.get("members", [])]
+        built = [_build(p["config"], p["state_dict"], payload, path) for p in parts]
+        cfg = built[0][1]
+        model = built[0][0] if len(built) == 1 else Ensemble(*zip(*built))
         payload["config"] = cfg
         payload["palette"] = [tuple(c) for c in payload["palette"]]
         recorded = payload.get("labels")  # older model files: class indices and the palette

@@ -24,7 +24,7 @@ from segcore.config import TrialConfig
 from segcore.errors import UserError
 from segcore.files import atomic_write, load_model, save_model, write_text
 from segcore.fit import fit
-from segcore.infer import evaluate
+from segcore.infer import Ensemble, evaluate
 from segcore.notes import write_notes
 from segcore.promote import choice_noise, finalist_path
 from segcore.space import Space, final_config
@@ -71,6 +71,8 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
             "noise": choice_noise(scores, trial.number, warm_start_number(study)),
         },
         "test": final.get("test") if fitted else None,
+        "ensemble": final.get("ensemble") if fitted else None,
+        "test_single": final.get("test_single") if fitted else None,
         "model": str(reports_dir(study.study_name) / "best.pt") if fitted else None,
         "params": trial.params,
         "versions": {"torch": torch.__version__, "optuna": optuna.__version__},
@@ -105,7 +107,9 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
     splits = study_splits(study, space)
     out = reports_dir(name) / "best.pt"
     finalist = finalist_path(name, trial.number)
-    if study.user_attrs.get("promotion") and cfg.train_on == "train" and finalist.is_file():
+    if space.ensemble > 1:
+        done = ensemble_finalists(name, study, space.ensemble, out, splits, device, progress)
+    elif study.user_attrs.get("promotion") and cfg.train_on == "train" and finalist.is_file():
         done = keep_finalist(finalist, out, splits, device, progress)
     else:
         sources = {"data": study.user_attrs.get("data"),
@@ -117,6 +121,7 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
         "trial": trial.number, "test": done["test"], "threads": done["threads"],
         "device": done["device"], "precision": done["precision"], "train_on": done["train_on"],
         "kept_epoch": done["kept_epoch"], "kept_finalist": done.get("kept_finalist", False),
+        "ensemble": done.get("ensemble"), "test_single": done.get("test_single"),
     })  # fmt: skip
     export(name, url)
     return done
@@ -134,6 +139,36 @@ def keep_finalist(
     extra = {**payload["extra"], "test": test, "kept_finalist": True}
     save_model(out, payload["state_dict"], cfg, in_channels=splits.train.channels,
                labels=payload["labels"], norm=payload["normalization"], extra=extra)  # fmt: skip
+    return extra
+
+
+def ensemble_finalists(
+    name: str, study: optuna.Study, n: int, out: Path, splits, device: torch.device, progress: bool
+) -> dict[str, Any]:  # fmt: skip
+    """best.pt as the best `n` finalists' own models in one file (an Ensemble: their stitched
+    probabilities averaged), scored once on the test images; the winner alone is scored there
+    too ("test_single"), so that what the ensemble adds is measured, not assumed."""
+    scores = study.user_attrs.get("promotion") or {}
+    if len(scores) < n:
+        raise UserError(f"--study {name}: final.ensemble {n} needs {n} promoted finalists; "
+                        f"run `promote --study {name}`")  # fmt: skip
+    numbers = sorted(scores, key=lambda k: (-scores[k]["miou"], int(k)))[:n]
+    loaded = [load_model(finalist_path(name, int(k)), device) for k in numbers]
+    test_set = splits.test.normalized(loaded[0][1]["normalization"])
+    single = evaluate(loaded[0][0], test_set, loaded[0][1]["config"], progress=progress)
+    models, payloads = zip(*loaded)
+    norms = [p["normalization"].to_dict() for p in payloads]
+    if any(norm != norms[0] for norm in norms):
+        raise UserError(f"--study {name}: final.ensemble: finalists {', '.join(numbers)} "
+                        f"normalise their input differently; do not search normalization")  # fmt: skip
+    test = evaluate(Ensemble(models, [p["config"] for p in payloads]), test_set,
+                    payloads[0]["config"], progress=progress)  # fmt: skip
+    head = payloads[0]
+    extra = {**head["extra"], "test": test, "test_single": single, "kept_finalist": True,
+             "ensemble": [int(k) for k in numbers]}  # fmt: skip
+    save_model(out, head["state_dict"], head["config"], in_channels=splits.train.channels,
+               labels=head["labels"], norm=head["normalization"], extra=extra,
+               members=[(p["state_dict"], p["config"]) for p in payloads[1:]])  # fmt: skip
     return extra
 
 

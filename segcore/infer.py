@@ -55,16 +55,30 @@ def prepare(
     return model.to(device, memory_format=layout or memory_format_for(device))
 
 
+class Ensemble(torch.nn.Module):
+    """Several models of the same classes whose stitched probabilities are averaged (a model
+    file with members: segcore.files); each member tiles an image with its own config."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], configs: Sequence) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+        self.configs = list(configs)
+
+
 def stitched(model: torch.nn.Module, images: Sequence[np.ndarray], cfg) -> Iterator[torch.Tensor]:
     """Probabilities (K, H, W) of each image in turn, with the model prepared once (prepare):
-    the one loop of rescoring, the final fit's scoring, `evaluate` and `predict`.
+    the one loop of rescoring, the final fit's scoring, `evaluate` and `predict`. An Ensemble
+    averages its members' probabilities, each stitched with its own config (not `cfg`).
     torch.compile is not used: on the project's CPU (AVX-512 with bf16) the compiled prepared
     model measured 1.00-1.05x the eager one after 10-23 s of compiling, which would pay only
     after thousands of images (docs/benchmarks.md, bench/infer.py --compiled)."""
-    model = prepare(model, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    pairs = zip(model.members, model.configs) if isinstance(model, Ensemble) else [(model, cfg)]
+    ready = [(prepare(m, device), c) for m, c in pairs]
     for image in images:
-        yield predict_probs(model, image, tile=cfg.tile, overlap=cfg.tile_overlap,
-                            gaussian=cfg.gaussian, tta=cfg.tta)  # fmt: skip
+        probs = [predict_probs(m, image, tile=c.tile, overlap=c.tile_overlap, gaussian=c.gaussian,
+                               tta=c.tta) for m, c in ready]  # fmt: skip
+        yield probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)
 
 
 def layout_of(model: torch.nn.Module) -> torch.memory_format:

@@ -70,6 +70,12 @@ def study_note(study: optuna.Study, record: dict) -> str:
         f"test images that nothing chose from (validation minus test: "
         f"{v['full_image_miou'] - test['miou']:+.4f})."
     )
+    if record.get("ensemble"):
+        honest += (
+            f" It averages the models of finalists {', '.join(map(str, record['ensemble']))} "
+            f"(final.ensemble); the winner's alone: test mIoU "
+            f"{record['test_single']['miou']:.4f}."
+        )
     commands = [
         f"python train_optuna.py evaluate --model {model} --split test",
         f"python train_optuna.py predict --model {model} --images DIR --out predictions",

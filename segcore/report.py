@@ -136,9 +136,16 @@ def handed_over(study: optuna.Study) -> list[dict]:
     final = study.user_attrs.get("final") or {}
     if final.get("trial") == trial.number:
         test = final["test"]
-        rows.append({"what": f"final model best.pt (trained on {final['train_on']}), test mIoU",
+        members = final.get("ensemble")
+        what = f"ensemble of trials {', '.join(map(str, members))}" if members else "final model"
+        rows.append({"what": f"{what} best.pt (trained on {final['train_on']}), test mIoU",
                      "images": test["images"], "miou": test["miou"],
                      "per_class": test["per_class"]})  # fmt: skip
+        if final.get("test_single"):
+            single = final["test_single"]
+            rows.append({"what": f"trial {trial.number}'s model alone, test mIoU",
+                         "images": single["images"], "miou": single["miou"],
+                         "per_class": single["per_class"]})  # fmt: skip
     return rows
 
 

@@ -53,6 +53,8 @@ class Space:
     # the promotion stage (segcore.promote): how many rescored trials are trained at the final
     # budget before the winner is chosen; 0: the winner is chosen at the trial budget
     finalists: int = 0
+    # final.ensemble: best.pt averages the best N finalists' models (segcore.final); 1: the winner
+    ensemble: int = 1
     timeout: float | None = None  # seconds of trials a search runs at most (--timeout)
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = "space"
@@ -109,6 +111,8 @@ def parse_space(raw: Any, source: str) -> Space:
     for section, values in (("fixed", fixed), ("final", final)):
         if not isinstance(values, dict):
             raise UserError(f"{source}: '{section}' must map config fields to values")
+    final = dict(final)
+    ensemble = number(final.pop("ensemble", 1), f"{source}: final.ensemble", "int")
     for name in list(search) + list(fixed) + list(final):
         if name not in CONFIG_FIELDS:
             raise UserError(f"{source}: unknown config field '{name}'")
@@ -128,11 +132,25 @@ def parse_space(raw: Any, source: str) -> Space:
     study = _check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
     limits = _check_constraints(raw.get("constraints") or {}, source)
-    space = Space(dists, fixed, dict(final), limits, raw=raw, source=source, **study)
+    _check_ensemble(ensemble, study.get("finalists", 0), final.get("train_on"), source)
+    space = Space(dists, fixed, final, limits, raw=raw, source=source, ensemble=ensemble, **study)
     _check_configs(space)
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
     return space
+
+
+def _check_ensemble(ensemble: int, finalists: int, train_on: str | None, source: str) -> None:
+    """final.ensemble N averages the best N finalists' own models: they must exist (N
+    finalists) and be what the final fit hands over (trained on the training images)."""
+    if ensemble < 1:
+        raise UserError(f"{source}: final.ensemble: 1 (the winner alone) or more finalists")
+    if ensemble > 1 and finalists < ensemble:
+        raise UserError(f"{source}: final.ensemble: {ensemble} models need study.finalists: "
+                        f"{ensemble} or more (it is {finalists})")  # fmt: skip
+    if ensemble > 1 and train_on != "train":
+        raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
+                        f"trained on the training images; set final.train_on: train")  # fmt: skip
 
 
 def _check_constraints(constraints: Any, source: str) -> dict[str, float]:

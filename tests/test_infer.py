@@ -275,3 +275,32 @@ def test_bf16_stitching_stays_close_to_float32(model, monkeypatch):
     b = predict_probs(model, image, tile=32, gaussian=True, tta=True)
     assert 0 < (a - b).abs().max() < 0.05
     assert (a.argmax(0) == b.argmax(0)).float().mean() > 0.98
+
+
+def test_an_ensemble_model_file_averages_its_members_each_stitched_with_its_own_config(tmp_path):
+    """A model file with members loads as an Ensemble; its probabilities are the mean of each
+    member's, stitched with that member's tile size and TTA (not the first one's)."""
+    from segcore.config import TrialConfig
+    from segcore.files import load_model, save_model
+    from segcore.infer import Ensemble, prepare, stitched
+
+    labels = Labels.plain(["bg", "a", "b"], [(0, 0, 0), (255, 0, 0), (0, 255, 0)])
+    first = TrialConfig(patch_size=32, depth=2, base_width=8, tta=False)
+    second = TrialConfig(patch_size=16, depth=1, base_width=4, tta=True)
+    torch.manual_seed(0)
+    nets = [build_model(c.arch, 1, 3, c.depth, c.base_width, c.max_width) for c in (first, second)]
+    save_model(tmp_path / "e.pt", nets[0].state_dict(), first, in_channels=1, labels=labels,
+               norm=UNCHANGED, members=[(nets[1].state_dict(), second)])  # fmt: skip
+    loaded, payload = load_model(tmp_path / "e.pt", torch.device("cpu"))
+    assert isinstance(loaded, Ensemble) and payload["config"] == first
+    image = np.random.RandomState(1).randn(40, 56, 1).astype(np.float32)
+    (probs,) = stitched(loaded, [image], first)
+    each = [predict_probs(prepare(n, torch.device("cpu")), image, tile=c.tile, tta=c.tta,
+                          overlap=c.tile_overlap, gaussian=c.gaussian)
+            for n, c in zip(nets, (first, second))]  # fmt: skip
+    assert torch.allclose(probs, (each[0] + each[1]) / 2, atol=1e-5)
+    assert not torch.allclose(probs, each[0], atol=1e-3)
+    save_model(tmp_path / "one.pt", nets[0].state_dict(), first, in_channels=1, labels=labels,
+               norm=UNCHANGED)  # fmt: skip
+    single, _ = load_model(tmp_path / "one.pt", torch.device("cpu"))
+    assert not isinstance(single, Ensemble)

@@ -66,3 +66,21 @@ def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
     assert not alone["within_noise"] and "outside the validation noise" in margin_text(alone)
     assert "warm_start" not in choice_noise(steady, 0, warm=0)  # the winner is the warm start
     assert choice_noise({"0": {"miou": 0.5}}, 0, warm=None) == {}  # scored before intervals
+
+
+@pytest.mark.parametrize(
+    ("final", "finalists", "message"),
+    [
+        ({"ensemble": 0}, 2, r"final.ensemble: 1 \(the winner alone\) or more finalists"),
+        ({"ensemble": 3, "train_on": "train"}, 2, r"3 models need study.finalists: 3 or more"),
+        ({"ensemble": 2}, 2, r"the finalists' own models.*set final.train_on: train"),
+        ({"ensemble": 1.5}, 2, r"final.ensemble: must be a finite int number"),
+    ],
+)
+def test_an_ensemble_is_of_trained_finalists(final, finalists, message):
+    raw = {**SPACE, "study": {"finalists": finalists}, "final": final}
+    with pytest.raises(UserError, match=message):
+        parse_space(raw, "space")
+    ok = parse_space({**raw, "final": {"ensemble": 2, "train_on": "train"}}, "space")
+    assert ok.ensemble == 2 and ok.final == {"train_on": "train"}  # not a config field
+    assert parse_space(SPACE, "space").ensemble == 1

@@ -164,25 +164,28 @@ def test_every_command_on_postgres(workdir, postgres_url):
         assert password not in text
 
 
+@pytest.mark.parametrize("ensemble", [1, 2])
 def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_handed_over(
-    workdir,
+    workdir, ensemble
 ):
     """study.finalists: the two best rescored trials are trained again with the final config,
     in two processes at once, scored on whole validation images; the best of them is the
-    winner, and with `final: train_on: train` its model is best.pt as it is (no refit)."""
+    winner, and with `final: train_on: train` its model is best.pt as it is (no refit); with
+    `final: ensemble: 2` best.pt holds both finalists' models, their probabilities averaged."""
+    name = f"promoted-{ensemble}"
     space = tiny_space(3, 2).replace("  top_k: 2\n", "  top_k: 2\n  finalists: 2\n")
-    space += "final: {epochs: 4, train_on: train}\n"
-    (workdir / "promoted.yaml").write_text(space)
-    out = cli(workdir, "search", "--space", "promoted.yaml", "--study", "p", "--data", "d",
+    space += f"final: {{epochs: 4, train_on: train, ensemble: {ensemble}}}\n"
+    (workdir / f"{name}.yaml").write_text(space)
+    out = cli(workdir, "search", "--space", f"{name}.yaml", "--study", name, "--data", "d",
               "--workers", 2, "--quiet")  # fmt: skip
-    reports = workdir / "reports" / "p"
+    reports = workdir / "reports" / name
     scores = json.loads((reports / "scores.json").read_text())
     promoted = json.loads((reports / "promotion.json").read_text())
     assert set(promoted) == set(scores) and len(promoted) == 2  # top_k 2, both finalists
     for number, s in promoted.items():
         assert s["interval"][0] <= s["miou"] <= s["interval"][1]
         assert f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f}" in out.stdout
-        assert (workdir / "storage" / "p" / f"promote-{number}.log").is_file()  # its own process
+        assert (workdir / "storage" / name / f"promote-{number}.log").is_file()  # its own process
         finalist = torch.load(reports / "finalists" / f"trial-{number}.pt", weights_only=True)
         assert finalist["config"]["epochs"] == 4 and finalist["config"]["train_on"] == "train"
         assert (
@@ -203,9 +206,23 @@ def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_han
     assert (
         handed["extra"]["kept_finalist"] and handed["extra"]["test"]["miou"] == best["test"]["miou"]
     )
+    scored = cli(workdir, "evaluate", "--model", best["model"], "--split", "test", "--json")
+    assert json.loads(scored.stdout)["miou"] == pytest.approx(best["test"]["miou"], abs=1e-6)
+    if ensemble == 2:  # the runner-up's model is the second member; the winner alone is measured
+        runner = torch.load(reports / "finalists" / f"trial-{other}.pt", weights_only=True)
+        (member,) = handed["members"]
+        assert all(torch.equal(member["state_dict"][k], v)
+                   for k, v in runner["state_dict"].items())  # fmt: skip
+        assert best["ensemble"] == [int(number), int(other)]
+        alone = cli(workdir, "evaluate", "--model", f"reports/{name}/finalists/trial-{number}.pt",
+                    "--split", "test", "--json")  # fmt: skip
+        assert json.loads(alone.stdout)["miou"] == pytest.approx(best["test_single"]["miou"])
+        assert "s model alone, test mIoU" in (reports / "index.html").read_text()
+    else:
+        assert "members" not in handed and best["ensemble"] is None
     # finishing again trains no finalist again: their model files are kept as they are
     stamps = {f: f.stat().st_mtime_ns for f in (reports / "finalists").glob("trial-*.pt")}
-    again = cli(workdir, "finish", "--study", "p", "--quiet")
+    again = cli(workdir, "finish", "--study", name, "--quiet")
     assert "promotion: training" not in again.stderr
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
     assert json.loads((reports / "best.json").read_text())["trial"] == best["trial"]
