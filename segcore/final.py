@@ -109,7 +109,8 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
     finalist = finalist_path(name, trial.number)
     if space.ensemble > 1:
         done = ensemble_finalists(name, study, space.ensemble, out, splits, device, progress)
-    elif study.user_attrs.get("promotion") and cfg.train_on == "train" and finalist.is_file():
+    elif (study.user_attrs.get("promotion") and cfg.train_on == "train" and not space.promote
+          and finalist.is_file()):  # fmt: skip
         done = keep_finalist(finalist, out, splits, device, progress)
     else:
         sources = {"data": study.user_attrs.get("data"),

@@ -53,10 +53,11 @@ def finalist_numbers(study: optuna.Study, space: Space) -> list[int]:
 
 
 def promotion_config(study: optuna.Study, space: Space, number: int) -> TrialConfig:
-    """What a finalist trains: its final config on the training images only (the validation
-    images choose its epoch and score it)."""
+    """What a finalist trains: its final config, with the space's `promote:` overrides (a
+    smaller budget, say), on the training images only (the validation images choose its epoch
+    and score it)."""
     cfg = final_config(TrialConfig.from_dict(study.trials[number].user_attrs["config"]), space)
-    return TrialConfig.from_dict({**cfg.to_dict(), "train_on": "train"})
+    return TrialConfig.from_dict({**cfg.to_dict(), **space.promote, "train_on": "train"})
 
 
 def finalist_path(name: str, number: int) -> Path:

@@ -33,7 +33,7 @@ STUDY_KEYS = {
 # are compared on the same images and pixels; and what only `train` / the final fit use.
 PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
              "train_on")  # fmt: skip
-SECTIONS = ("search", "fixed", "study", "final", "constraints")
+SECTIONS = ("search", "fixed", "study", "final", "promote", "constraints")
 LIMITS = ("max_params", "max_gflop_per_patch", "max_infer_ms")  # segcore.costs measures them
 
 
@@ -44,6 +44,7 @@ class Space:
     search: dict[str, dict[str, Any]]
     fixed: dict[str, Any]  # with val_patch_size set: the largest patch size, unless given
     final: dict[str, Any] = field(default_factory=dict)  # the final fit's overrides
+    promote: dict[str, Any] = field(default_factory=dict)  # the finalists', over `final`'s
     constraints: dict[str, float] = field(default_factory=dict)  # limit -> bound (LIMITS)
     n_trials: int = 12
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
@@ -105,26 +106,29 @@ def parse_space(raw: Any, source: str) -> Space:
     for key in raw:
         if key not in SECTIONS:
             raise UserError(f"{source}: unknown section '{key}' (use {', '.join(SECTIONS)})")
-    search, fixed, final = raw.get("search"), raw.get("fixed") or {}, raw.get("final") or {}
+    search, fixed = raw.get("search"), raw.get("fixed") or {}
+    final, promote = raw.get("final") or {}, raw.get("promote") or {}
     if not isinstance(search, dict) or not search:
         raise UserError(f"{source}: 'search' must map config fields to distributions")
-    for section, values in (("fixed", fixed), ("final", final)):
+    for section, values in (("fixed", fixed), ("final", final), ("promote", promote)):
         if not isinstance(values, dict):
             raise UserError(f"{source}: '{section}' must map config fields to values")
     final = dict(final)
     ensemble = number(final.pop("ensemble", 1), f"{source}: final.ensemble", "int")
-    for name in list(search) + list(fixed) + list(final):
+    for name in list(search) + list(fixed) + list(final) + list(promote):
         if name not in CONFIG_FIELDS:
             raise UserError(f"{source}: unknown config field '{name}'")
     for name in PER_STUDY:
         if name in search:
             raise UserError(f"{source}: '{name}' cannot be searched: one value for every trial")
-    for name in final:
-        if name in search or (name in PER_STUDY and name != "train_on"):
-            raise UserError(
-                f"{source}: final.{name}: the final fit keeps the "
-                f"{'winner' if name in search else 'study'}'s value; set other fields there"
-            )
+    for section, values in (("final", final), ("promote", promote)):
+        for name in values:
+            if name in search or (name in PER_STUDY and (name, section) != ("train_on", "final")):
+                raise UserError(
+                    f"{source}: {section}.{name}: the "
+                    f"{'final fit' if section == 'final' else 'promotion stage'} keeps the "
+                    f"{'winner' if name in search else 'study'}'s value; set other fields there"
+                )
     both = sorted(set(search) & set(fixed))
     if both:
         raise UserError(f"{source}: field '{both[0]}' is both searched and fixed")
@@ -132,17 +136,20 @@ def parse_space(raw: Any, source: str) -> Space:
     study = _check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
     limits = _check_constraints(raw.get("constraints") or {}, source)
-    _check_ensemble(ensemble, study.get("finalists", 0), final.get("train_on"), source)
-    space = Space(dists, fixed, final, limits, raw=raw, source=source, ensemble=ensemble, **study)
+    _check_ensemble(ensemble, study.get("finalists", 0), final.get("train_on"), promote, source)
+    space = Space(dists, fixed, final, dict(promote), limits, raw=raw, source=source,
+                  ensemble=ensemble, **study)  # fmt: skip
     _check_configs(space)
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
     return space
 
 
-def _check_ensemble(ensemble: int, finalists: int, train_on: str | None, source: str) -> None:
+def _check_ensemble(
+    ensemble: int, finalists: int, train_on: str | None, promote: dict, source: str
+) -> None:
     """final.ensemble N averages the best N finalists' own models: they must exist (N
-    finalists) and be what the final fit hands over (trained on the training images)."""
+    finalists) and be what the final fit hands over (the final config on the training images)."""
     if ensemble < 1:
         raise UserError(f"{source}: final.ensemble: 1 (the winner alone) or more finalists")
     if ensemble > 1 and finalists < ensemble:
@@ -151,6 +158,9 @@ def _check_ensemble(ensemble: int, finalists: int, train_on: str | None, source:
     if ensemble > 1 and train_on != "train":
         raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
                         f"trained on the training images; set final.train_on: train")  # fmt: skip
+    if ensemble > 1 and promote:
+        raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
+                        f"which must be trained at the final budget; remove 'promote'")  # fmt: skip
 
 
 def _check_constraints(constraints: Any, source: str) -> dict[str, float]:
@@ -232,12 +242,14 @@ def _largest_patch(search: dict[str, dict[str, Any]], fixed: dict[str, Any]) -> 
 
 def _check_configs(space: Space) -> None:
     """Value types, then: every patch size fits some depth; the validation patch fits every
-    depth a trial can have; the corners are valid configs, also after the final overrides."""
+    depth a trial can have; the corners are valid configs, also after the final and promotion
+    overrides."""
     types = {f.name: f.type for f in fields(TrialConfig)}
     for name, spec in space.search.items():
         for value in grid(spec):
             coerce(value, types[name], f"{space.source}: search.{name}: config field '{name}'")
-    for section, values in (("fixed", space.fixed), ("final", space.final)):
+    sections = (("fixed", space.fixed), ("final", space.final), ("promote", space.promote))
+    for section, values in sections:
         for name, value in values.items():
             coerce(value, types[name], f"{space.source}: {section}: config field '{name}'")
     patches = grid(space.search["patch_size"]) if "patch_size" in space.search else None
@@ -258,7 +270,8 @@ def _check_configs(space: Space) -> None:
         )
     for corner in (0, -1):
         params = {name: grid(spec)[corner] for name, spec in space.search.items()}
-        final_config(config_from(params, space), space)
+        cfg = final_config(config_from(params, space), space)
+        TrialConfig.from_dict({**cfg.to_dict(), **space.promote}, f"{space.source}: promote")
 
 
 def config_from(params: dict[str, Any], space: Space) -> TrialConfig:

@@ -84,3 +84,26 @@ def test_an_ensemble_is_of_trained_finalists(final, finalists, message):
     ok = parse_space({**raw, "final": {"ensemble": 2, "train_on": "train"}}, "space")
     assert ok.ensemble == 2 and ok.final == {"train_on": "train"}  # not a config field
     assert parse_space(SPACE, "space").ensemble == 1
+
+
+def test_the_promote_section_sets_the_finalists_budget_over_the_final_one():
+    from segcore.promote import promotion_config
+
+    raw = {**SPACE, "final": {"epochs": 8, "batch_size": 4}, "promote": {"epochs": 3}}
+    space = parse_space(raw, "space")
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={},
+                                              user_attrs={"config": {"lr": 0.01, "epochs": 1}}))  # fmt: skip
+    cfg = promotion_config(study, space, 0)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.train_on) == (3, 4, 0.01, "train")
+    for promote, message in (
+        ({"train_on": "train"}, r"promote.train_on: the promotion stage keeps the study's value"),
+        ({"lr": 0.1}, r"promote.lr: the promotion stage keeps the winner's value"),
+        ({"epochs": 0}, r"space: promote"),
+    ):
+        with pytest.raises(UserError, match=message):
+            parse_space({**raw, "promote": promote}, "space")
+    both = {**raw, "study": {"finalists": 2},
+            "final": {"ensemble": 2, "train_on": "train"}}  # fmt: skip
+    with pytest.raises(UserError, match=r"final.ensemble: .*final budget; remove 'promote'"):
+        parse_space(both, "space")

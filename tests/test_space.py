@@ -134,7 +134,7 @@ def test_study_section_smallest_values():
 @pytest.mark.parametrize(
     "raw,message",
     [
-        ({"other": 1}, "unknown section 'other' (use search, fixed, study, final, constraints)"),
+        ({"other": 1}, "unknown section 'other' (use search, fixed, study, final, promote, constraints)"),
         ({"fixed": [1]}, "'fixed' must map config fields to values"),
         ({"final": [1]}, "'final' must map config fields to values"),
         ({"search": {"arch": {"type": "categorical", "choices": [[1]]}}},
