@@ -91,6 +91,8 @@ def main() -> None:
     assert split == best["split"], "the recipe was not trained on the study's split"
     rows = [(label, test_score(folder / "reports" / args.study / "best.pt", folder), wall)
             for label, folder, _, wall in runs]  # fmt: skip
+    alone = [(f"seed {seed}: trial {b['trial']} alone, not ensembled", b["test_single"], None)
+             for seed, (_, _, b, _) in enumerate(runs) if b.get("test_single")]  # fmt: skip
     classes = list(theirs["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
           f"{len(split['test'])} test images; both trained on {best['config']['train_on']}")  # fmt: skip
@@ -100,7 +102,8 @@ def main() -> None:
     def cell(value, width: int, digits: str) -> str:
         return f"{'-':>{width}}" if value is None else f"{value:>{width}{digits}}"
 
-    for label, s, wall in [*rows, ("recipe: " + Path(args.recipe).name, theirs, recipe_wall)]:
+    recipe_row = ("recipe: " + Path(args.recipe).name, theirs, recipe_wall)
+    for label, s, wall in [*rows, *alone, recipe_row]:
         print(f"  {label:<44}{cell(s['miou'], 10, '.4f')}"
               + "".join(cell(s["per_class"][c], 11, ".4f") for c in classes)
               + cell(wall, 9, ".0f"))  # fmt: skip
