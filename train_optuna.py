@@ -233,6 +233,17 @@ def cmd_check(args) -> int:
 
     if args.space is None and args.data is None:
         raise UserError("check: give --space FILE, --data DIR or both")
+    if args.space == AUTO:  # print the space `search --space auto` would plan here
+        import torch
+
+        from segcore.data import dataset_from
+        from segcore.fingerprint import fingerprint
+        from segcore.plan import space_text
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        print(space_text(fingerprint(dataset_from(args.data)), kind, args.data or "synthetic data"),
+              end="")  # fmt: skip
+        return 0
     space = None
     if args.space is not None:
         space = load_space(args.space)
@@ -247,9 +258,10 @@ def cmd_check(args) -> int:
     return 0
 
 
-def prepare_study(args, workers: str):
+def prepare_study(args, workers: str, on_gpus: bool = False):
     """What search and slurm do before any worker: check every option and file, create or
-    resume the study; returns (name, url, space). `workers` is said in the first line."""
+    resume the study; returns (name, url, space). `workers` is said in the first line;
+    `on_gpus`: the trials train on GPUs (what `--space auto` plans for)."""
     import shutil
 
     from segcore.device import pick_device
@@ -261,10 +273,16 @@ def prepare_study(args, workers: str):
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
     check_timeout(args.timeout)
     pick_device(args.device)  # a bad --device is an error now, not after the trials
-    space = load_space(args.space)
     url = storage_url(check_name(args.study), args.storage)
     if url != default_url(args.study):  # the default's folder is made below, after the checks
         check_url(url)  # before the data, which takes a while to read
+    path, planned = planned_space(args, on_gpus) if args.space == AUTO else (args.space, None)
+    try:
+        space = load_space(path)
+    except UserError:
+        if planned is not None:  # nothing half-written
+            planned.unlink()
+        raise
     data = str(Path(args.data).resolve()) if args.data else None
     test_data = str(Path(args.test_data).resolve()) if args.test_data else None
     made = next((p for p in reversed(cache_dir(args.study).parents) if not p.exists()), None)
@@ -273,9 +291,11 @@ def prepare_study(args, workers: str):
         name, url = _study_args(args, create=True)
         splits = load_splits(data, test_data, space, cache=cache_dir(name))
         study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits)
-    except UserError:  # nothing half-written: the folders made here go again
+    except UserError:  # nothing half-written: the folders and the planned space made here go
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+        if planned is not None:
+            planned.unlink(missing_ok=True)
         raise
     if "fingerprint" not in study.user_attrs:
         from segcore.fingerprint import fingerprint
@@ -293,11 +313,35 @@ def prepare_study(args, workers: str):
     return name, url, space
 
 
+AUTO = "auto"  # --space auto: a space planned from the data and the machine (segcore.plan)
+
+
+def planned_space(args, on_gpus: bool) -> tuple[Path, Path | None]:
+    """(reports/NAME/space.yaml, the same path if planned now from --data on this machine, else
+    None): a study's space is planned once, and later runs read the file as it is, edited or
+    not."""
+    from segcore.data import dataset_from
+    from segcore.files import write_text
+    from segcore.fingerprint import fingerprint
+    from segcore.plan import space_text
+    from segcore.study import check_name, reports_dir
+
+    path = reports_dir(check_name(args.study)) / "space.yaml"
+    if path.is_file():
+        return path, None
+    where = args.data or "synthetic data"
+    text = space_text(fingerprint(dataset_from(args.data)), "cuda" if on_gpus else "cpu", where)
+    write_text(path, text)
+    print(f"--space auto: planned {path} from {where}", file=sys.stderr)
+    return path, path
+
+
 def cmd_search(args) -> int:
     from segcore.workers import Launcher
 
     n_workers, gpus = worker_slots(args)
-    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/")
+    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/",
+                                     on_gpus=bool(gpus))  # fmt: skip
     timeout = args.timeout if args.timeout is not None else space.timeout
     code = Launcher(name, url, n_workers, gpus, args.quiet, seed=args.seed,
                     timeout=timeout).run()  # fmt: skip
@@ -607,7 +651,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("check", help="validate a search space, fingerprint a data folder")
-    p.add_argument("--space", help="search-space YAML to validate")
+    p.add_argument("--space", help="search-space YAML to validate, or auto: print the space "
+                   "`search --space auto` plans from --data on this machine")  # fmt: skip
     p.add_argument("--data", help="data folder: read every file, print what it holds")
     p.set_defaults(func=cmd_check)
 
@@ -619,7 +664,10 @@ def build_parser() -> Parser:
 
     def new_study_options(p):
         p.add_argument(
-            "--space", required=True, help="search-space YAML (search_spaces/quick.yaml)"
+            "--space",
+            required=True,
+            help="search-space YAML (search_spaces/quick.yaml), or auto: "
+            "planned from --data and this machine, written to reports/NAME/space.yaml",
         )
         study_options(p)
         p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")

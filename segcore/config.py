@@ -32,6 +32,10 @@ class TrialConfig:
     batch_size: int = 16
     epochs: int = 10
     steps_per_epoch: int = 100
+    # a budget in seconds instead: 0 = steps_per_epoch as given; above 0, steps_per_epoch follows
+    # from the step time measured on the device, so that the epochs train for about this long
+    # (segcore.budget; the config recorded for a trial or a model holds the steps it ran)
+    seconds: float = 0.0
     optimizer: str = "sgd"
     lr: float = 0.05
     # "step" divides lr by 10 for the second half of training (the reference recipe)
@@ -195,6 +199,7 @@ _RULES = {
     "batch_size": _between(1, 4096),
     "epochs": _between(1, 100_000),
     "steps_per_epoch": _between(1, 1_000_000),
+    "seconds": _between(0, 10_000_000),
     "optimizer": _one_of(OPTIMIZERS),
     "lr": lambda v: "" if 0 < v < float("inf") else "must be above 0 and finite",
     "schedule": _one_of(SCHEDULES),

@@ -75,7 +75,7 @@ def _mask_kind(dataset: Dataset) -> str:
 
 def _classes(dataset: Dataset) -> list[dict[str, Any]]:
     """Each class: share of all pixels, objects (8-connected pieces) and their sizes in pixels
-    (median area, median and largest bounding-box side)."""
+    (median area; median, 95th percentile and largest bounding-box side)."""
     from scipy import ndimage
 
     k = len(dataset.classes)
@@ -97,7 +97,9 @@ def _classes(dataset: Dataset) -> list[dict[str, Any]]:
         row = {"name": name, "fraction": float(pixels[c] / max(pixels.sum(), 1))}
         if c and areas[c]:
             row.update(objects=len(areas[c]), median_area=float(np.median(areas[c])),
-                       median_side=float(np.median(sides[c])), max_side=int(max(sides[c])))  # fmt: skip
+                       median_side=float(np.median(sides[c])),
+                       p95_side=float(np.percentile(sides[c], 95)),
+                       max_side=int(max(sides[c])))  # fmt: skip
         out.append(row)
     return out
 
@@ -116,7 +118,8 @@ def describe(fp: dict[str, Any], where: str) -> str:
         objects = ""
         if "objects" in row:
             objects = (f"; {row['objects']} objects, median area {row['median_area']:.0f} px, "
-                       f"side median {row['median_side']:.0f} / max {row['max_side']} px")  # fmt: skip
+                       f"side median {row['median_side']:.0f} / 95 % {row.get('p95_side', 0):.0f} / max "
+                       f"{row['max_side']} px")  # fmt: skip
         lines.append(f"  class {row['name']}: {row['fraction']:.2%} of pixels{objects}")
     lines += [f"warning: {w}" for w in fp["warnings"]]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from segcore.budget import budgeted
 from segcore.config import TrialConfig
 from segcore.device import precision_for
 from segcore.files import atomic_write, save_model
@@ -33,17 +34,18 @@ def fit(
     (atomically) and a fit stopped before its end resumes from it; it is removed once `out` is
     written."""
     saved = resume_from(state, cfg)
+    trained_on = splits.train.join(splits.val) if cfg.train_on == "train+val" else splits.train
+    asked, (cfg, step) = cfg, budgeted(cfg, trained_on, device, saved and saved.pop("ran", None))
     on_saved = None
     if state is not None:
 
         def on_saved(s: dict) -> None:
-            atomic_write(state, lambda tmp: torch.save({"config": cfg.to_dict(), **s}, tmp))
+            record = {"config": asked.to_dict(), "ran": cfg.to_dict(), **s}
+            atomic_write(state, lambda tmp: torch.save(record, tmp))
 
     run = {"device": device, "progress": progress, "resume": saved, "on_saved": on_saved}
-    if cfg.train_on == "train+val":
-        result = train(cfg, splits.train.join(splits.val), None, **run)
-    else:
-        result = train(cfg, splits.train, splits.val, **run)
+    val = None if cfg.train_on == "train+val" else splits.val
+    result = train(cfg, trained_on, val, **run)
     model = build_model(cfg.arch, splits.train.channels, len(splits.train.classes), cfg.depth,
                         cfg.base_width, cfg.max_width)  # fmt: skip
     model.load_state_dict(result.state_dict)
@@ -60,6 +62,8 @@ def fit(
         "threads": torch.get_num_threads(),
         "device": device.type,
         "precision": precision_for(device),
+        "seconds": asked.seconds or None,  # the budget asked, and the step time it became
+        "step_seconds": step,
     }
     save_model(out, result.state_dict, cfg, in_channels=splits.train.channels,
                labels=splits.train.labels, norm=result.norm, extra=extra)  # fmt: skip

@@ -30,6 +30,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from segcore.budget import same_request
 from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.errors import UserError
@@ -71,7 +72,7 @@ def trained(study: optuna.Study, space: Space, number: int) -> dict | None:
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    same = payload["config"] == promotion_config(study, space, number).to_dict()
+    same = same_request(promotion_config(study, space, number), payload["config"])
     return (
         payload["extra"]
         if same and payload["extra"]["split"] == study.user_attrs["split"]

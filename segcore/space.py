@@ -50,7 +50,9 @@ class Space:
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
     top_k: int = 3
-    warm_start: bool = False
+    # trial 0: True for the CPU recipe's values (segcore.study.warm_start_params), or a mapping
+    # of searched fields to values (`--space auto` writes its planned centre there)
+    warm_start: bool | dict[str, Any] = False
     # the promotion stage (segcore.promote): how many rescored trials are trained at the final
     # budget before the winner is chosen; 0: the winner is chosen at the trial budget
     finalists: int = 0
@@ -136,6 +138,8 @@ def parse_space(raw: Any, source: str) -> Space:
     study = _check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
     limits = _check_constraints(raw.get("constraints") or {}, source)
+    if isinstance(study.get("warm_start"), dict):
+        _check_warm_start(study["warm_start"], dists, source)
     _check_ensemble(ensemble, study.get("finalists", 0), final.get("train_on"), promote, source)
     space = Space(dists, fixed, final, dict(promote), limits, raw=raw, source=source,
                   ensemble=ensemble, **study)  # fmt: skip
@@ -143,6 +147,22 @@ def parse_space(raw: Any, source: str) -> Space:
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
     return space
+
+
+def _check_warm_start(values: dict, dists: dict[str, dict[str, Any]], source: str) -> None:
+    """A warm start given as values: one for every searched field, inside its distribution."""
+    for name in sorted(set(values) | set(dists)):
+        where = f"{source}: study.warm_start.{name}"
+        if name not in dists:
+            raise UserError(f"{where}: not a searched field")
+        if name not in values:
+            raise UserError(f"{where}: missing (give every searched field a value)")
+        spec, value = dists[name], values[name]
+        inside = (value in spec["choices"] if spec["type"] == "categorical" else
+                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and spec["low"] <= value <= spec["high"])  # fmt: skip
+        if not inside:
+            raise UserError(f"{where}: {value!r} is outside the searched values")
 
 
 def _check_ensemble(
@@ -203,8 +223,9 @@ def _check_study(study: Any, source: str) -> dict[str, Any]:
     if study.get("metric", "patch_miou") != "patch_miou":
         raise UserError(f"{source}: study.metric: only patch_miou is supported")
     if "warm_start" in study:
-        if not isinstance(study["warm_start"], bool):
-            raise UserError(f"{source}: study.warm_start: must be true or false")
+        if not isinstance(study["warm_start"], (bool, dict)):
+            raise UserError(f"{source}: study.warm_start: true, false or a mapping of searched "
+                            f"fields to values")  # fmt: skip
         out["warm_start"] = study["warm_start"]
     for key, names in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if key in study:

@@ -97,8 +97,10 @@ def _create_or_resume(name, storage, space: Space, sources: dict, n_trials: int 
         for key, value in sources.items():
             study.set_user_attr(key, value)
         study.set_user_attr("n_trials", space.n_trials)
-        if space.warm_start:  # the reference recipe, once, before any worker starts
-            study.enqueue_trial(warm_start_params(space), {WARM_START: True}, skip_if_exists=True)
+        if space.warm_start:  # the recipe or the given values, once, before any worker starts
+            params = space.warm_start if isinstance(space.warm_start, dict) else None
+            study.enqueue_trial(params or warm_start_params(space), {WARM_START: True},
+                                skip_if_exists=True)  # fmt: skip
         stored = space
     if n_trials is not None:
         study.set_user_attr("n_trials", n_trials)

@@ -7,6 +7,7 @@ raise (for example to prune) and so stop training.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -94,6 +95,20 @@ def patch_miou(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch:
     return mean_iou(cm)
 
 
+def train_step(model, optimizer, batch, loss_kind: str, dev: torch.device) -> float:
+    """One step on a batch (x, y) from train_batches; returns the loss (not stepped when it is
+    not finite: training stops there)."""
+    x, y = to_device(batch[0], dev), batch[1].to(dev, non_blocking=True)
+    with autocast_for(dev):
+        loss = seg_loss(model(x), y, loss_kind)
+    if not torch.isfinite(loss):
+        return float(loss.item())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
+
+
 def train(
     cfg: TrialConfig,
     train_set: Dataset,
@@ -158,21 +173,14 @@ def train(
         for epoch in range(first, cfg.epochs):
             started, losses = time.perf_counter(), []
             for step in range(cfg.steps_per_epoch):
-                x, y = next(stream)
-                x = to_device(x, dev)
-                y = y.to(dev, non_blocking=True)
-                with autocast_for(dev):
-                    loss = seg_loss(model(x), y, cfg.loss)
-                if not torch.isfinite(loss):
+                loss = train_step(model, optimizer, next(stream), cfg.loss, dev)
+                if not math.isfinite(loss):
                     raise DivergedError(
-                        f"loss became {loss.item()} at epoch {epoch} step {step} "
+                        f"loss became {loss} at epoch {epoch} step {step} "
                         f"(lr {scheduler.get_last_lr()[0]:.3g})"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 scheduler.step()
-                losses.append(loss.item())
+                losses.append(loss)
                 bar.update()
             miou = None if val_set is None else patch_miou(model, vx, vy, k)
             result.history.append({

@@ -23,6 +23,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from segcore.budget import budgeted
 from segcore.checkpoints import WARM_START, store_checkpoint, would_be_top
 from segcore.costs import measure, violations
 from segcore.data import ZSCORE
@@ -128,6 +129,12 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
                 trial.report(h["patch_miou"], h["epoch"])
         log.info("trial %d resumes trial %d after epoch %d", trial.number, since.number,
                  state["epoch"] + 1)  # fmt: skip
+    ran = since.user_attrs.get("config") if state is not None else None
+    asked, (cfg, step) = cfg, budgeted(cfg, train_set, ctx.device, ran)
+    if cfg != asked:  # a budget in seconds, turned into steps (measured here, or as it ran)
+        trial.set_user_attr("config", cfg.to_dict())
+    if step is not None:
+        trial.set_user_attr("step_seconds", step)
 
     def on_epoch(epoch: int, miou: float) -> None:
         trial.report(miou, epoch)
