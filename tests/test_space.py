@@ -150,7 +150,7 @@ def test_study_section_smallest_values():
         ({"search": {"lr": {"type": "float", "low": 0.1, "high": 0.2, "step": 0.05, "log": True}}},
          "search.lr: step and log cannot be used together"),
         ({"constraints": {"max_params": 0}}, "constraints.max_params: must be above 0"),
-        ({"study": {"warm_start": "yes"}}, "study.warm_start: must be true or false"),
+        ({"study": {"warm_start": "yes"}}, "study.warm_start: true, false or a mapping of searched fields to values"),
         ({"final": {"seed": 3}},
          "final.seed: the final fit keeps the study's value; set other fields there"),
         ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"val_patch_size": 40}},
