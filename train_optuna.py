@@ -234,15 +234,11 @@ def cmd_check(args) -> int:
     if args.space is None and args.data is None:
         raise UserError("check: give --space FILE, --data DIR or both")
     if args.space == AUTO:  # print the space `search --space auto` would plan here
-        import torch
-
-        from segcore.data import dataset_from
-        from segcore.fingerprint import fingerprint
         from segcore.plan import space_text
+        from segcore.workers import parse_gpus
 
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-        print(space_text(fingerprint(dataset_from(args.data)), kind, args.data or "synthetic data"),
-              end="")  # fmt: skip
+        kind = "cuda" if parse_gpus(args.gpus) else "cpu"
+        print(space_text(_fingerprint_of(args.data), kind, args.data or "synthetic data"), end="")
         return 0
     space = None
     if args.space is not None:
@@ -276,10 +272,10 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
     url = storage_url(check_name(args.study), args.storage)
     if url != default_url(args.study):  # the default's folder is made below, after the checks
         check_url(url)  # before the data, which takes a while to read
-    path, planned = planned_space(args, on_gpus) if args.space == AUTO else (args.space, None)
+    path, planned = planned_space(args, on_gpus, url) if args.space == AUTO else (args.space, None)
     try:
         space = load_space(path)
-    except UserError:
+    except BaseException:
         if planned is not None:  # nothing half-written
             planned.unlink()
         raise
@@ -291,8 +287,8 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
         name, url = _study_args(args, create=True)
         splits = load_splits(data, test_data, space, cache=cache_dir(name))
         study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits)
-    except UserError:  # nothing half-written: the folders and the planned space made here go
-        if made is not None:
+    except BaseException as e:  # nothing half-written: the folders and the planned space go
+        if made is not None and isinstance(e, UserError):
             shutil.rmtree(made, ignore_errors=True)
         if planned is not None:
             planned.unlink(missing_ok=True)
@@ -316,21 +312,27 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
 AUTO = "auto"  # --space auto: a space planned from the data and the machine (segcore.plan)
 
 
-def planned_space(args, on_gpus: bool) -> tuple[Path, Path | None]:
-    """(reports/NAME/space.yaml, the same path if planned now from --data on this machine, else
-    None): a study's space is planned once, and later runs read the file as it is, edited or
-    not."""
+def _fingerprint_of(data: str | None) -> dict:
     from segcore.data import dataset_from
-    from segcore.files import write_text
     from segcore.fingerprint import fingerprint
+
+    return fingerprint(dataset_from(data))
+
+
+def planned_space(args, on_gpus: bool, url: str) -> tuple[Path, Path | None]:
+    """(reports/NAME/space.yaml, the same path if planned now from --data on this machine, else
+    None): a study's space is planned when the study is created, and later runs read the file
+    as it is, edited or not (a file left without its study is planned again)."""
+    from segcore.files import check_output, write_text
     from segcore.plan import space_text
-    from segcore.study import check_name, reports_dir
+    from segcore.study import check_name, reports_dir, study_exists
 
     path = reports_dir(check_name(args.study)) / "space.yaml"
-    if path.is_file():
-        return path, None
+    if path.is_file() and study_exists(args.study, url):
+        return path, None  # the study's own, as planned (or edited) then
     where = args.data or "synthetic data"
-    text = space_text(fingerprint(dataset_from(args.data)), "cuda" if on_gpus else "cpu", where)
+    text = space_text(_fingerprint_of(args.data), "cuda" if on_gpus else "cpu", where)
+    check_output(path, "--space auto")
     write_text(path, text)
     print(f"--space auto: planned {path} from {where}", file=sys.stderr)
     return path, path
@@ -389,20 +391,26 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
     """The promotion stage (when the space has finalists), then the final fit of the winner."""
     from segcore.device import pick_device
     from segcore.final import export, final_fit
-    from segcore.promote import promote
+    from segcore.promote import budget_text, promote
     from segcore.study import open_study
 
-    if open_study(name, url)[1].finalists:
+    space = open_study(name, url)[1]
+    if space.finalists:
         scores = promote(name, url, workers=workers[0], gpus=workers[1], device=args.device,
                          quiet=args.quiet)  # fmt: skip
         for number, s in scores.items():
             print(f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f} (95 % "
-                  f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at the final "
-                  f"budget, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
+                  f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at "
+                  f"{budget_text(space)}, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
     best = json.loads(export(name, url).read_text())
-    print(f"final fit of trial {best['trial']} ({best['config']['epochs']} epochs of "
-          f"{best['config']['steps_per_epoch']} steps, on {best['config']['train_on']})",
-          file=sys.stderr)  # fmt: skip
+    cfg = best["config"]
+    steps = (
+        f"in about {cfg['seconds']:g} s" if cfg["seconds"] else f"of {cfg['steps_per_epoch']} steps"
+    )
+    what = (f"the ensemble of the best {space.ensemble} finalists (no training)" if
+            space.ensemble > 1 else f"final fit of trial {best['trial']} ({cfg['epochs']} epochs "
+            f"{steps}, on {cfg['train_on']})")  # fmt: skip
+    print(what, file=sys.stderr)
     final_fit(name, url, device=pick_device(args.device), progress=not args.quiet)
 
 
@@ -419,7 +427,9 @@ def cmd_slurm(args) -> int:
         raise UserError("--cpus-per-worker: at least 1; --gpus-per-worker: at least 0")
     kind = f"{args.gpus_per_worker} GPU(s) and " if args.gpus_per_worker else ""
     name, url, space = prepare_study(
-        args, f"a SLURM array of {args.workers} workers ({kind}{args.cpus_per_worker} CPU(s) each)"
+        args,
+        f"a SLURM array of {args.workers} workers ({kind}{args.cpus_per_worker} CPU(s) each)",
+        on_gpus=args.gpus_per_worker > 0,
     )
     if sqlite_path(url) is not None:
         print("note: SQLite storage: every task must run on this node's file system; across "
@@ -565,7 +575,7 @@ def cmd_promote(args) -> int:
     name, url = _study_args(args)
     done = promote_one(name, url, args.trial, pick_device(args.device), progress=not args.quiet)
     print(f"finalist trial {args.trial}: validation full-image mIoU "
-          f"{done['validation']['miou']:.4f} at the final budget")  # fmt: skip
+          f"{done['validation']['miou']:.4f}")  # fmt: skip
     return 0
 
 
@@ -654,6 +664,9 @@ def build_parser() -> Parser:
     p.add_argument("--space", help="search-space YAML to validate, or auto: print the space "
                    "`search --space auto` plans from --data on this machine")  # fmt: skip
     p.add_argument("--data", help="data folder: read every file, print what it holds")
+    p.add_argument("--gpus", default="none",
+                   help="with --space auto: plan for the trials on these GPUs, as search's --gpus "
+                   "(default none: the CPU)")  # fmt: skip
     p.set_defaults(func=cmd_check)
 
     def study_options(p, storage_help="SQLAlchemy URL (default sqlite:///storage/NAME.db)"):

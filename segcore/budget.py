@@ -49,6 +49,9 @@ def step_seconds(cfg: TrialConfig, train_set: Dataset, device: torch.device) -> 
         return (time.perf_counter() - started) / TIMED
     finally:
         stream.close()
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:
@@ -73,6 +76,6 @@ def budgeted(
 
 def same_request(cfg: TrialConfig, ran: dict) -> bool:
     """Whether `ran` (a recorded config) is `cfg` itself, or `cfg`'s seconds turned into steps."""
-    mine = cfg.to_dict()
-    steps = {"seconds": 0.0, "steps_per_epoch": ran.get("steps_per_epoch")}
+    mine, ran = cfg.to_dict(), TrialConfig.from_dict(ran).to_dict()  # files of older versions
+    steps = {"seconds": 0.0, "steps_per_epoch": ran["steps_per_epoch"]}
     return mine == ran or (bool(cfg.seconds) and {**mine, **steps} == ran)

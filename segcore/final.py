@@ -52,6 +52,8 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
     final = study.user_attrs.get("final") or {}
     fitted = final.get("trial") == trial.number
     cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
+    if fitted and final.get("config"):  # what best.pt trained (a budget in seconds as steps)
+        cfg = TrialConfig.from_dict(final["config"], "study final")
     return {
         "config": cfg.to_dict(),
         "study": study.study_name,
@@ -67,7 +69,7 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
             "full_image_miou": best["miou"],
             "per_class": best["per_class"],
             "images": best["images"],
-            "budget": "final" if promoted else "trial",
+            "budget": ("promotion" if space.promote else "final") if promoted else "trial",
             "noise": choice_noise(scores, trial.number, warm_start_number(study)),
         },
         "test": final.get("test") if fitted else None,
@@ -123,6 +125,7 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
         "device": done["device"], "precision": done["precision"], "train_on": done["train_on"],
         "kept_epoch": done["kept_epoch"], "kept_finalist": done.get("kept_finalist", False),
         "ensemble": done.get("ensemble"), "test_single": done.get("test_single"),
+        "config": torch.load(out, map_location="cpu", weights_only=True)["config"],
     })  # fmt: skip
     export(name, url)
     return done

@@ -14,6 +14,7 @@ import torch
 from segcore.budget import budgeted
 from segcore.config import TrialConfig
 from segcore.device import precision_for
+from segcore.errors import UserError
 from segcore.files import atomic_write, save_model
 from segcore.infer import evaluate
 from segcore.model import build_model
@@ -36,11 +37,12 @@ def fit(
     saved = resume_from(state, cfg)
     trained_on = splits.train.join(splits.val) if cfg.train_on == "train+val" else splits.train
     asked, (cfg, step) = cfg, budgeted(cfg, trained_on, device, saved and saved.pop("ran", None))
+    step = step if step is not None else (saved or {}).pop("step_seconds", None)
     on_saved = None
     if state is not None:
 
         def on_saved(s: dict) -> None:
-            record = {"config": asked.to_dict(), "ran": cfg.to_dict(), **s}
+            record = {"config": asked.to_dict(), "ran": cfg.to_dict(), "step_seconds": step, **s}
             atomic_write(state, lambda tmp: torch.save(record, tmp))
 
     run = {"device": device, "progress": progress, "resume": saved, "on_saved": on_saved}
@@ -81,4 +83,9 @@ def resume_from(state: Path | None, cfg: TrialConfig) -> dict | None:
         saved = torch.load(state, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 (a file cut short by a crash is no state to resume)
         return None
-    return saved if saved.pop("config", None) == cfg.to_dict() else None
+    config = saved.pop("config", None)
+    try:  # a state of an older version lacks the newer fields, at their defaults
+        same = config is not None and TrialConfig.from_dict(config).to_dict() == cfg.to_dict()
+    except UserError:
+        same = False
+    return saved if same else None

@@ -53,8 +53,9 @@ def study_note(study: optuna.Study, record: dict) -> str:
     name, split, model = study.study_name, record.get("split") or {}, record["model"]
     sizes = ", ".join(f"{len(split.get(k, []))} {k}" for k in ("train", "validation", "test"))
     v, test = record["validation"], record["test"]
-    among = ("the finalists, each trained at the final budget" if v.get("budget") == "final"
-             else "the rescored trials, at the trial budget")  # fmt: skip
+    among = {"final": "the finalists, each trained at the final budget",
+             "promotion": "the finalists, each trained at the promotion budget (`promote:`)"
+             }.get(v.get("budget"), "the rescored trials, at the trial budget")  # fmt: skip
     why = (
         f"Chosen for the best **validation full-image mIoU** ({v['full_image_miou']:.4f} on "
         f"{v['images']} validation images) among {among}; its validation patch mIoU in the "
@@ -64,17 +65,18 @@ def study_note(study: optuna.Study, record: dict) -> str:
              f"Images: {sizes}."]  # fmt: skip
     if test is None:
         return "\n".join([*lines, "", f"No final fit yet: `train_optuna.py final --study {name}`."])
+    single = record.get("test_single") or test  # the winner's own model, which validation chose
     honest = (
         f"The final model `{model}` (the winner's config at the final budget, trained on "
         f"{record['config']['train_on']}): **test mIoU {test['miou']:.4f}** on {test['images']} "
         f"test images that nothing chose from (validation minus test: "
-        f"{v['full_image_miou'] - test['miou']:+.4f})."
+        f"{v['full_image_miou'] - single['miou']:+.4f})."
     )
     if record.get("ensemble"):
         honest += (
             f" It averages the models of finalists {', '.join(map(str, record['ensemble']))} "
-            f"(final.ensemble); the winner's alone: test mIoU "
-            f"{record['test_single']['miou']:.4f}."
+            f"(final.ensemble); the winner's model alone: test mIoU {single['miou']:.4f} (the "
+            f"gap above is of that model)."
         )
     commands = [
         f"python train_optuna.py evaluate --model {model} --split test",

@@ -7,12 +7,13 @@ the warm start (trial 0, always a finalist):
 
 - **Patch**: as large as the images allow (the median short side) up to the device's cap
   (`PATCH_CAP`: more context per step is what nnU-Net buys with memory; on the CPU the cap is the
-  time a step takes), a multiple of 32. Searched: 1/2, 3/4 and all of it.
+  time a step takes), a multiple of 32. Searched: 1/2, 3/4 and all of it (those that are
+  multiples of 16).
 - **Depth**: as deep as the patch allows with a bottom feature map of at least 4 pixels, at most
-  5 (nnU-Net's rule), and never shallower than the depth whose receptive field covers the
+  5 (nnU-Net's rule). Searched down to the shallowest depth whose receptive field covers the
   largest objects (95th percentile of the foreground objects' bounding-box side; a U-Net of
-  depth d with two 3x3 convolutions per stage sees `receptive_field(d)` pixels). Searched: from
-  that depth to the deepest.
+  depth d with two 3x3 convolutions per stage sees `receptive_field(d)` pixels), and at least
+  one below the deepest, so that the search can tell whether depth matters.
 - **Batch**: the device's pixels per step (`PIXELS_PER_STEP`) divided by the patch's pixels, 2 to
   64: a larger patch trains on fewer patches a step at the same cost.
 - **Width**: by device (`WIDTHS`), the larger as centre.
@@ -87,7 +88,8 @@ def plan(fp: dict[str, Any], device: str) -> dict[str, Any]:
     return {
         "patch_size": patch,
         "depth": depth,
-        "min_depth": min(covering, depth),
+        "covering_depth": covering,
+        "min_depth": max(2, min(covering, depth - 1)),
         "batch_size": batch,
         "base_width": WIDTHS[device][-1],
         "object_side": side,
@@ -101,12 +103,11 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
     centre = plan(fp, device)
     patch, depth = centre["patch_size"], centre["depth"]
     patches = sorted({p for p in (patch // 2, patch * 3 // 4, patch) if p >= 32 and p % 16 == 0})
-    low = min(centre["min_depth"], depth - 1) if depth > 2 else depth
     widths = WIDTHS[device]
     return {
         "search": {
             "patch_size": {"type": "categorical", "choices": patches},
-            "depth": {"type": "int", "low": max(2, low), "high": depth},
+            "depth": {"type": "int", "low": min(centre["min_depth"], depth), "high": depth},
             "base_width": {"type": "categorical", "choices": widths},
             "lr": {"type": "float", "low": 1.0e-3, "high": 0.2, "log": True},
             "aug_strength": {"type": "float", "low": 0.0, "high": 1.0},
@@ -158,8 +159,10 @@ def space_text(fp: dict[str, Any], device: str, where: str) -> str:
         f"Patch {c['patch_size']}: the median short side ({c['short_side']}) up to the "
         + f"{device.upper()} cap of {PATCH_CAP[device]}, a multiple of 32.",
         f"Depth {c['depth']}: the deepest with a bottom map of {MIN_BOTTOM} px or more "
-        + f"(receptive field {c['receptive_field']} px); searched from depth {c['min_depth']}, "
-        + "the shallowest whose receptive field covers the largest objects.",
+        + f"(receptive field {c['receptive_field']} px); searched from depth {c['min_depth']} "
+        + f"(depth {c['covering_depth']} is the shallowest whose receptive field, "
+        + f"{receptive_field(c['covering_depth'])} px, covers the largest objects; at least one "
+        + "below the deepest).",
         f"Batch {c['batch_size']}: {PIXELS_PER_STEP[device]} pixels a step. Trials train "
         + f"{TRIAL_SECONDS[device]} s, the finalists and the final fit {FINAL_SECONDS[device]} s "
         + "(steps per epoch from the step time measured on the device).",

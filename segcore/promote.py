@@ -61,6 +61,13 @@ def promotion_config(study: optuna.Study, space: Space, number: int) -> TrialCon
     return TrialConfig.from_dict({**cfg.to_dict(), **space.promote, "train_on": "train"})
 
 
+def budget_text(space: Space) -> str:
+    """What the finalists train at, in words."""
+    if not space.promote:
+        return "the final budget"
+    return "the promotion budget (" + ", ".join(f"{k} {v}" for k, v in space.promote.items()) + ")"
+
+
 def finalist_path(name: str, number: int) -> Path:
     return reports_dir(name) / "finalists" / f"trial-{number}.pt"
 
@@ -106,13 +113,13 @@ def promote(
     name: str, url: str, *, workers: int, gpus: list[int], device: str | None, quiet: bool
 ) -> dict[str, dict]:
     """The promotion stage: train the finalists not yet trained (in parallel, up to `workers`
-    processes), then record every finalist's validation figures at the final budget in the
-    study ("promotion") and reports/NAME/promotion.json. Returns them by trial number."""
+    processes), then record every finalist's validation figures at that budget in the study
+    ("promotion") and reports/NAME/promotion.json. Returns them by trial number."""
     study, space = open_study(name, url)
     numbers = finalist_numbers(study, space)
     todo = [n for n in numbers if trained(study, space, n) is None]
     if todo:
-        print(f"promotion: training {len(todo)} of finalists {numbers} at the final budget "
+        print(f"promotion: training {len(todo)} of finalists {numbers} at {budget_text(space)} "
               f"({min(len(todo), workers)} at a time)", file=sys.stderr)  # fmt: skip
         run_finalists(name, url, todo, min(workers, len(todo)), gpus, device, quiet)
     scores = {}

@@ -140,7 +140,8 @@ def parse_space(raw: Any, source: str) -> Space:
     limits = _check_constraints(raw.get("constraints") or {}, source)
     if isinstance(study.get("warm_start"), dict):
         _check_warm_start(study["warm_start"], dists, source)
-    _check_ensemble(ensemble, study.get("finalists", 0), final.get("train_on"), promote, source)
+    _check_ensemble(ensemble, study, {**fixed, **final}, promote, search, source)
+    _check_promote(promote, {**fixed, **final}, source)
     space = Space(dists, fixed, final, dict(promote), limits, raw=raw, source=source,
                   ensemble=ensemble, **study)  # fmt: skip
     _check_configs(space)
@@ -157,30 +158,59 @@ def _check_warm_start(values: dict, dists: dict[str, dict[str, Any]], source: st
             raise UserError(f"{where}: not a searched field")
         if name not in values:
             raise UserError(f"{where}: missing (give every searched field a value)")
-        spec, value = dists[name], values[name]
-        inside = (value in spec["choices"] if spec["type"] == "categorical" else
-                  isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and spec["low"] <= value <= spec["high"])  # fmt: skip
-        if not inside:
-            raise UserError(f"{where}: {value!r} is outside the searched values")
+        if not _samples(dists[name], values[name]):
+            raise UserError(f"{where}: {values[name]!r} is not a value the search samples")
+
+
+def _samples(spec: dict[str, Any], value: Any) -> bool:
+    """Whether a distribution (checked spec) can sample `value`: a choice, or a number of the
+    right kind inside the range and on its step grid."""
+    if spec["type"] == "categorical":
+        return value in spec["choices"]
+    kind = int if spec["type"] == "int" else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return False
+    if not spec["low"] <= value <= spec["high"]:
+        return False
+    step = spec.get("step") or (1 if spec["type"] == "int" else None)
+    if step is None:
+        return True
+    return abs((value - spec["low"]) / step - round((value - spec["low"]) / step)) < 1e-9
 
 
 def _check_ensemble(
-    ensemble: int, finalists: int, train_on: str | None, promote: dict, source: str
+    ensemble: int, study: dict, final: dict, promote: dict, search: dict, source: str
 ) -> None:
     """final.ensemble N averages the best N finalists' own models: they must exist (N
-    finalists) and be what the final fit hands over (the final config on the training images)."""
+    finalists among the rescored trials), be what the final fit hands over (the final config on
+    the training images) and take their input alike (normalization not searched). `final`: the
+    final fit's fields over the fixed ones."""
     if ensemble < 1:
         raise UserError(f"{source}: final.ensemble: 1 (the winner alone) or more finalists")
-    if ensemble > 1 and finalists < ensemble:
-        raise UserError(f"{source}: final.ensemble: {ensemble} models need study.finalists: "
-                        f"{ensemble} or more (it is {finalists})")  # fmt: skip
-    if ensemble > 1 and train_on != "train":
+    if ensemble == 1:
+        return
+    for key, default in (("finalists", 0), ("top_k", Space.top_k)):
+        if study.get(key, default) < ensemble:
+            raise UserError(f"{source}: final.ensemble: {ensemble} models need study.{key}: "
+                            f"{ensemble} or more (it is {study.get(key, default)})")  # fmt: skip
+    if "normalization" in search:
+        raise UserError(f"{source}: final.ensemble: its models must take the same input; do not "
+                        f"search normalization")  # fmt: skip
+    if final.get("train_on", TrialConfig.train_on) != "train":
         raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
                         f"trained on the training images; set final.train_on: train")  # fmt: skip
-    if ensemble > 1 and promote:
+    if promote:
         raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
                         f"which must be trained at the final budget; remove 'promote'")  # fmt: skip
+
+
+def _check_promote(promote: dict, final: dict, source: str) -> None:
+    """A promote: section that shortens a budget given in seconds must say the seconds: epochs
+    alone would spread the same seconds over fewer, longer epochs."""
+    budget = {"epochs", "steps_per_epoch"} & set(promote)
+    if final.get("seconds") and budget and "seconds" not in promote:
+        raise UserError(f"{source}: promote.{min(budget)}: the final budget is in seconds "
+                        f"({final['seconds']}); set promote.seconds")  # fmt: skip
 
 
 def _check_constraints(constraints: Any, source: str) -> dict[str, float]:

@@ -125,6 +125,17 @@ def warm_start_params(space: Space) -> dict[str, Any]:
     return params
 
 
+def study_exists(name: str, url: str) -> bool:
+    """Whether the storage at `url` holds a study of this name (an SQLite file that does not
+    exist yet is not created to find out)."""
+    from segcore.storage import sqlite_path
+
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return False
+    return name in optuna.get_all_study_names(storage=open_storage(url))
+
+
 def load_study(name: str, storage, seed: int | None) -> tuple[optuna.Study, Space]:
     """Load a study and the space stored with it; sampler and pruner rebuilt from the space."""
     try:

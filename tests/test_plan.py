@@ -76,7 +76,9 @@ def test_a_warm_start_of_values_must_name_every_searched_field_inside_its_range(
     space = parse_space(raw, "auto")
     assert space.warm_start == raw["study"]["warm_start"] != warm_start_params(space)
     for change, message in (
-        ({"patch_size": 100}, r"study.warm_start.patch_size: 100 is outside the searched values"),
+        ({"patch_size": 100}, r"study.warm_start.patch_size: 100 is not a value the search"),
+        ({"depth": 3.5}, r"study.warm_start.depth: 3.5 is not a value the search samples"),
+        ({"lr": 0.5}, r"study.warm_start.lr: 0.5 is not a value"),
         ({"momentum": 1}, r"study.warm_start.momentum: not a searched field"),
     ):
         bad = {**raw, "study": {**raw["study"], "warm_start": {**space.warm_start, **change}}}
@@ -86,6 +88,14 @@ def test_a_warm_start_of_values_must_name_every_searched_field_inside_its_range(
     del missing["lr"]
     with pytest.raises(Exception, match=r"warm_start.lr: missing"):
         parse_space({**raw, "study": {**raw["study"], "warm_start": missing}}, "auto")
+
+
+def test_a_promotion_budget_cut_in_epochs_must_say_its_seconds():
+    raw = auto_space(fingerprint(blobs(2, 128, 10, 5)), "cpu")
+    with pytest.raises(Exception, match=r"promote.epochs: the final budget is in seconds \(300\)"):
+        parse_space({**raw, "promote": {"epochs": 20}}, "auto")
+    space = parse_space({**raw, "promote": {"epochs": 20, "seconds": 150}}, "auto")
+    assert space.promote == {"epochs": 20, "seconds": 150}
 
 
 def test_seconds_become_steps_from_the_measured_step_time_and_a_resumed_run_keeps_them():

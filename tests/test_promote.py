@@ -75,6 +75,11 @@ def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
         ({"ensemble": 3, "train_on": "train"}, 2, r"3 models need study.finalists: 3 or more"),
         ({"ensemble": 2}, 2, r"the finalists' own models.*set final.train_on: train"),
         ({"ensemble": 1.5}, 2, r"final.ensemble: must be a finite int number"),
+        (
+            {"ensemble": 4, "train_on": "train"},
+            4,
+            r"4 models need study.top_k: 4 or more \(it is 3",
+        ),
     ],
 )
 def test_an_ensemble_is_of_trained_finalists(final, finalists, message):
@@ -84,6 +89,12 @@ def test_an_ensemble_is_of_trained_finalists(final, finalists, message):
     ok = parse_space({**raw, "final": {"ensemble": 2, "train_on": "train"}}, "space")
     assert ok.ensemble == 2 and ok.final == {"train_on": "train"}  # not a config field
     assert parse_space(SPACE, "space").ensemble == 1
+    fixed = {**raw, "fixed": {"epochs": 1, "train_on": "train"}, "final": {"ensemble": 2}}
+    assert parse_space(fixed, "space").ensemble == 2  # train_on: train from fixed
+    searched = {**SPACE, "search": {**SPACE["search"], "normalization": {
+        "type": "categorical", "choices": ["zscore", "percentile"]}}}  # fmt: skip
+    with pytest.raises(UserError, match=r"same input; do not search normalization"):
+        parse_space({**searched, "study": {"finalists": 2}, "final": ok.raw["final"]}, "space")
 
 
 def test_the_promote_section_sets_the_finalists_budget_over_the_final_one():
