@@ -8,10 +8,13 @@ prints them side by side with their wall times. Everything lands under --out.
     python bench/handover.py --data ../shared/datasets/shapes [--space search_spaces/quick.yaml]
                              [--out runs/handover] [--repeats 3] [--skip-recipe] [--skip-search]
                              [--search-args "--gpus all --workers-per-gpu 2"]
+                             [--space auto --warm-start-alone]
 
 With --repeats N the search runs N times with sampler seeds 0..N-1 (`search --seed`), the same
 split each time, and the spread between their best.pt test figures is printed: which model a
-user gets should not depend on the run.
+user gets should not depend on the run. With --warm-start-alone the first search's warm start
+(with `--space auto`, the planned centre) is also trained alone with its final config: what the
+search adds over where it started.
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ def test_score(model: Path, cwd: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def warm_start_config(folder: Path, study: str) -> dict:
+    """The final config of a finished study's warm-start trial: what it would hand over alone."""
+    sys.path.insert(0, str(ROOT))
+    from segcore.config import TrialConfig
+    from segcore.final import warm_start_number
+    from segcore.space import final_config
+    from segcore.study import open_study
+
+    found, space = open_study(study, f"sqlite:///{folder}/storage/{study}.db")
+    number = warm_start_number(found)
+    if number is None:
+        sys.exit(f"error: study {study} has no warm start")
+    cfg = TrialConfig.from_dict(found.trials[number].user_attrs["config"])
+    return final_config(cfg, space).to_dict()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -58,6 +77,9 @@ def main() -> None:
     parser.add_argument("--search-args", default="", help="more options for search, one string")
     parser.add_argument("--skip-search", action="store_true", help="reuse the finished studies")
     parser.add_argument("--skip-recipe", action="store_true", help="reuse recipe.pt")
+    parser.add_argument("--warm-start-alone", action="store_true",
+                        help="also train the first search's warm start alone with its final "
+                             "config (warm.pt): what the search adds over its own start")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +90,8 @@ def main() -> None:
         folder.mkdir(exist_ok=True)
         wall = None
         if not args.skip_search:
-            wall = timed(["search", "--space", str(Path(args.space).resolve()), "--study",
+            space = args.space if args.space == "auto" else str(Path(args.space).resolve())
+            wall = timed(["search", "--space", space, "--study",
                           args.study, "--data", data, "--seed", str(seed),
                           *shlex.split(args.search_args)], folder, folder / "search.log")  # fmt: skip
         best = json.loads((folder / "reports" / args.study / "best.json").read_text())
@@ -93,6 +116,14 @@ def main() -> None:
             for label, folder, _, wall in runs]  # fmt: skip
     alone = [(f"seed {seed}: trial {b['trial']} alone, not ensembled", b["test_single"], None)
              for seed, (_, _, b, _) in enumerate(runs) if b.get("test_single")]  # fmt: skip
+    if args.warm_start_alone:
+        folder = runs[0][1]
+        (out / "warm.json").write_text(json.dumps(warm_start_config(folder, args.study), indent=1))
+        wall = timed(["train", "--config", "warm.json", "--data", data, "--out", "warm.pt",
+                      "--quiet"], out, out / "warm.log")  # fmt: skip
+        alone.append(
+            ("warm start alone (its final config)", test_score(out / "warm.pt", out), wall)
+        )
     classes = list(theirs["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
           f"{len(split['test'])} test images; both trained on {best['config']['train_on']}")  # fmt: skip
