@@ -52,9 +52,9 @@ def image(hits: int, misses: int) -> list[list[int]]:
 
 
 def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
-    steady = {"0": {"miou": 0.0, "confusion": [image(90, 10)] * 6},  # the warm start
-              "1": {"miou": 0.0, "confusion": [image(95, 5)] * 6},  # better on every image
-              "2": {"miou": 0.0, "confusion": [image(99, 1), image(90, 10)] * 3}}  # fmt: skip
+    steady = {"0": {"miou": 0.0, "confusion": [image(90, 10)] * 8},  # the warm start
+              "1": {"miou": 0.0, "confusion": [image(95, 5)] * 8},  # better on every image
+              "2": {"miou": 0.0, "confusion": [image(99, 1), image(90, 10)] * 4}}  # fmt: skip
     for s in steady.values():
         s["miou"] = mean_iou(np.sum(s["confusion"], axis=0))
     noise = choice_noise(steady, 1, warm=0)
@@ -66,6 +66,10 @@ def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
     assert not alone["within_noise"] and "outside the validation noise" in margin_text(alone)
     assert "warm_start" not in choice_noise(steady, 0, warm=0)  # the winner is the warm start
     assert choice_noise({"0": {"miou": 0.5}}, 0, warm=None) == {}  # scored before intervals
+    few = {k: {**s, "confusion": s["confusion"][:3]} for k, s in steady.items() if k != "2"}
+    unsure = choice_noise(few, 1, warm=0)  # better on each of 3 images: still unsure
+    assert unsure["warm_start"]["interval"][0] > 0 and unsure["within_noise"]
+    assert "only 3 validation images, too few" in margin_text(unsure)
 
 
 @pytest.mark.parametrize(
