@@ -150,10 +150,11 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
     try:
         with ctx.interrupts.training():
             asked, (cfg, step) = cfg, budgeted(cfg, train_set, ctx.device, ran)
-            if cfg != asked:  # a budget in seconds, as steps (measured now, or as it ran)
-                trial.set_user_attr("config", cfg.to_dict())
-            if step is not None:
-                trial.set_user_attr("step_seconds", step)
+            with ctx.interrupts.deferred():  # written whole, or not at all
+                if cfg != asked:  # a budget in seconds, as steps (measured now, or as it ran)
+                    trial.set_user_attr("config", cfg.to_dict())
+                if step is not None:
+                    trial.set_user_attr("step_seconds", step)
             result = train(cfg, train_set, val_set, on_epoch=on_epoch, device=ctx.device,
                            progress=False, resume=state, on_saved=on_saved)  # fmt: skip
     except optuna.TrialPruned:
