@@ -542,17 +542,17 @@ def cmd_dashboard(args) -> int:
 
 def as_launched() -> None:
     """In a process the launcher (or the promotion stage) started: die with it, and use the
-    threads it gave."""
+    threads it gave; in a worker started by hand or by a SLURM array, the CPUs it may use."""
     import os
 
     import torch
 
+    from segcore.device import usable_cpus
     from segcore.workers import die_with_launcher
 
     die_with_launcher()
-    threads = os.environ.get("TRAIN_OPTUNA_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
+    threads = os.environ.get("TRAIN_OPTUNA_THREADS")  # the launcher's share, or all it may use
+    torch.set_num_threads(int(threads) if threads else usable_cpus())
 
 
 def cmd_worker(args) -> int:

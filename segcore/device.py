@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,62 @@ def pick_device(name: str | None = None) -> torch.device:
             raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
     precision_for(device)
     return device
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self")) -> int:
+    """The CPUs this process may use, not the machine's: the smallest of its affinity mask
+    (taskset, a SLURM task's binding, a container's cpuset), its cgroup's CPU quota (v2 cpu.max
+    or v1 cpu.cfs_quota_us, rounded up) and SLURM_CPUS_PER_TASK; at least 1. What the launcher
+    divides between its workers, and what a worker started by hand or by a SLURM array uses."""
+    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0]
+    counts[0] = counts[0] or os.cpu_count() or 1
+    quota = cgroup_quota(cgroup_root, proc)
+    if quota:
+        counts.append(quota)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        counts.append(int(slurm))
+    return max(1, min(counts))
+
+
+def cgroup_quota(root: Path, proc: Path) -> int | None:
+    """CPUs of this process's cgroup quota (the tightest along its path), or None when there is
+    no quota or no cgroup file system."""
+    found = []
+    try:
+        lines = (proc / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: quota / period in cpu.max, "max" when none
+            files = [(d / "cpu.max", None) for d in _up(root / path.lstrip("/"), root)]
+        elif "cpu" in controllers.split(","):  # v1: two files
+            base = root / "cpu"
+            files = [(d / "cpu.cfs_quota_us", d / "cpu.cfs_period_us")
+                     for d in _up(base / path.lstrip("/"), base)]  # fmt: skip
+        else:
+            continue
+        for quota_file, period_file in files:
+            try:
+                if period_file is None:
+                    quota, period = quota_file.read_text().split()
+                else:
+                    quota, period = quota_file.read_text(), period_file.read_text()
+                if quota.strip() not in ("max", "-1"):
+                    found.append(math.ceil(int(quota) / int(period)))
+            except (OSError, ValueError):
+                continue
+    return min(found) if found else None
+
+
+def _up(folder: Path, root: Path) -> list[Path]:
+    """`folder` and its parents up to `root`."""
+    out = [folder]
+    while folder != root and root in folder.parents:
+        folder = folder.parent
+        out.append(folder)
+    return out
 
 
 PRECISION_ENV = "TRAIN_OPTUNA_PRECISION"  # auto (the default), bf16 or fp32

@@ -33,6 +33,7 @@ import torch
 from segcore.budget import same_request
 from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
+from segcore.device import usable_cpus
 from segcore.errors import UserError
 from segcore.files import write_text
 from segcore.fit import fit
@@ -154,7 +155,7 @@ def run_finalists(
         return
     context, logs = fork_server(), Path("storage") / name
     logs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // parallel)
+    threads = max(1, usable_cpus() // parallel)
     waiting, running = list(numbers), {}
     started = shown = time.monotonic()
     try:

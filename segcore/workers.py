@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from segcore.device import usable_cpus
 from segcore.errors import UserError
 from segcore.resume import retry
 from segcore.storage import STORAGE_ENV, open_storage
@@ -141,7 +142,7 @@ class Launcher:
         # the wall-clock budget: no trial starts after it; running ones stop at an epoch's end
         self.deadline = None if timeout is None else time.time() + timeout
         self.gpus = gpus
-        self.threads = max(1, (os.cpu_count() or 1) // n_workers)
+        self.threads = max(1, usable_cpus() // n_workers)
         self.log_dir = Path("storage") / name
         self.procs: list[BaseProcess | None] = [None] * n_workers
         self.restarts = [0] * n_workers

@@ -226,3 +226,24 @@ def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_han
     assert "promotion: training" not in again.stderr
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
     assert json.loads((reports / "best.json").read_text())["trial"] == best["trial"]
+
+
+def test_budgets_in_seconds_become_the_steps_each_trial_and_best_pt_trained(workdir):
+    """`seconds` in fixed and final: each trial records the steps its measured step time gave
+    (and seconds 0), and best.json holds exactly the config best.pt trained, so that `train
+    --config best.json` retrains it with the same steps instead of measuring again."""
+    space = tiny_space(2, 1, trials=3).replace("fixed: {", "fixed: {seconds: 1.0, ")
+    space += "final: {epochs: 2, seconds: 2.0}\n"
+    (workdir / "timed.yaml").write_text(space)
+    cli(workdir, "search", "--space", "timed.yaml", "--study", "timed", "--data", "d",
+        "--workers", 1, "--quiet")  # fmt: skip
+    study = optuna.load_study(study_name="timed", storage="sqlite:///" + str(
+        workdir / "storage" / "timed.db"))  # fmt: skip
+    for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        cfg = trial.user_attrs["config"]
+        assert cfg["seconds"] == 0 and trial.user_attrs["step_seconds"] > 0
+        assert cfg["steps_per_epoch"] == max(1, round(1.0 / (2 * trial.user_attrs["step_seconds"])))
+    best = json.loads((workdir / "reports" / "timed" / "best.json").read_text())
+    model = torch.load(workdir / best["model"], weights_only=True)
+    assert best["config"] == model["config"] and best["config"]["seconds"] == 0
+    assert model["extra"]["seconds"] == 2.0 and model["extra"]["step_seconds"] > 0
