@@ -17,7 +17,7 @@ import torch
 
 from segcore.config import TrialConfig
 from segcore.data import Dataset, normalization_for
-from segcore.device import memory_format_for
+from segcore.device import grad_scaler, memory_format_for
 from segcore.model import build_model
 from segcore.patches import train_batches
 
@@ -32,7 +32,7 @@ def step_seconds(cfg: TrialConfig, train_set: Dataset, device: torch.device) -> 
     data = train_set.normalized(normalization_for(cfg.normalization, train_set))
     model = build_model(cfg.arch, data.channels, len(data.classes), cfg.depth, cfg.base_width,
                         cfg.max_width).to(device, memory_format=memory_format_for(device))  # fmt: skip
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer, scaler = make_optimizer(cfg, model.parameters()), grad_scaler(device)
     stream = train_batches(
         data.images, data.masks, patch_size=cfg.patch_size, batch_size=cfg.batch_size,
         aug_strength=cfg.aug_strength, fg_fraction=cfg.fg_fraction, seed=cfg.seed + 1,
@@ -44,7 +44,7 @@ def step_seconds(cfg: TrialConfig, train_set: Dataset, device: torch.device) -> 
             if i == WARMUP:
                 _sync(device)
                 started = time.perf_counter()
-            train_step(model, optimizer, next(stream), cfg.loss, device)
+            train_step(model, optimizer, scaler, next(stream), cfg.loss, device)
         _sync(device)
         return (time.perf_counter() - started) / TIMED
     finally:

@@ -161,8 +161,8 @@ def read_record(path: str | Path) -> dict[str, Any]:
         type(record["threads"]) is int and record["threads"] >= 1
     ):
         raise UserError(f"{path}: 'threads' must be a positive integer or null")
-    if record.get("precision") not in (None, "bf16", "fp32"):
-        raise UserError(f"{path}: 'precision' must be bf16, fp32 or null")
+    if record.get("precision") not in (None, "bf16", "fp16", "fp32"):
+        raise UserError(f"{path}: 'precision' must be bf16, fp16, fp32 or null")
     return record
 
 

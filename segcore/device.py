@@ -93,7 +93,8 @@ def _up(folder: Path, root: Path) -> list[Path]:
     return out
 
 
-PRECISION_ENV = "TRAIN_OPTUNA_PRECISION"  # auto (the default), bf16 or fp32
+PRECISION_ENV = "TRAIN_OPTUNA_PRECISION"  # auto (the default), bf16, fp16 (CUDA only) or fp32
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @functools.cache  # asked on every training step and tile batch; the CPU does not change
@@ -106,17 +107,30 @@ def cpu_has_bf16() -> bool:
 
 
 def precision_for(device: torch.device) -> str:
-    """'bf16' or 'fp32': the precision every model runs in on `device`, training and inference
-    alike. bf16 autocast on CUDA, and on CPUs that compute bf16 natively, where it measured
-    1.7-2.0x float32 for training and inference with the same test mIoU (docs/benchmarks.md);
-    float32 elsewhere. TRAIN_OPTUNA_PRECISION=bf16|fp32 overrides it (`train --config best.json`
-    sets it to best.pt's, so a retraining computes as the original did)."""
+    """'bf16', 'fp16' or 'fp32': the precision every model runs in on `device`, training and
+    inference alike (PyTorch AMP's rule). On CUDA, bf16 autocast where the GPU computes it
+    (compute capability 8.0 and up: A100, H100, L4, RTX 30xx and later), fp16 autocast with a
+    gradient scaler where it does not (V100, T4: bf16 there is emulated or fails); on the CPU,
+    bf16 where the cores compute it natively, where it measured 1.7-2.0x float32 for training and
+    inference with the same test mIoU (docs/benchmarks.md), else float32.
+    TRAIN_OPTUNA_PRECISION=bf16|fp16|fp32 overrides it (fp16 only on CUDA; `train --config
+    best.json` sets it to best.pt's, so a retraining computes as the original did)."""
     wanted = os.environ.get(PRECISION_ENV, "auto")
-    if wanted not in ("auto", "bf16", "fp32"):
-        raise UserError(f"{PRECISION_ENV}={wanted!r}: use auto, bf16 or fp32")
+    if wanted not in PRECISIONS:
+        raise UserError(f"{PRECISION_ENV}={wanted!r}: use auto, bf16, fp16 or fp32")
+    if wanted == "fp16" and device.type != "cuda":
+        raise UserError(f"{PRECISION_ENV}=fp16: only on a CUDA device (the CPU computes bf16 or "
+                        f"fp32)")  # fmt: skip
     if wanted != "auto":
         return wanted
-    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    if device.type == "cuda":
+        return "bf16" if gpu_has_bf16(device) else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively (compute capability 8.0 or later)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @contextmanager
@@ -135,10 +149,19 @@ def computing_in(precision: str):
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast where precision_for says bf16; nothing (float32) otherwise."""
-    if precision_for(device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 or fp16 autocast where precision_for says so; nothing (float32) otherwise."""
+    precision = precision_for(device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+    )
+
+
+def grad_scaler(device: torch.device):
+    """The gradient scaler fp16 training needs (small gradients underflow in fp16); one that
+    does nothing for bf16 and float32."""
+    return torch.amp.GradScaler(device.type, enabled=precision_for(device) == "fp16")
 
 
 def memory_format_for(device: torch.device) -> torch.memory_format:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from segcore.config import TrialConfig
 from segcore.data import ZSCORE, Dataset, Normalization, normalization_for
-from segcore.device import autocast_for, memory_format_for, pick_device, to_device
+from segcore.device import autocast_for, grad_scaler, memory_format_for, pick_device, to_device
 from segcore.errors import DivergedError
 from segcore.metrics import confusion_matrix, mean_iou
 from segcore.model import build_model
@@ -95,17 +95,19 @@ def patch_miou(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch:
     return mean_iou(cm)
 
 
-def train_step(model, optimizer, batch, loss_kind: str, dev: torch.device) -> float:
-    """One step on a batch (x, y) from train_batches; returns the loss (not stepped when it is
-    not finite: training stops there)."""
+def train_step(model, optimizer, scaler, batch, loss_kind: str, dev: torch.device) -> float:
+    """One step on a batch (x, y) from train_batches, through the device's gradient scaler
+    (device.grad_scaler: active for fp16 only); returns the loss (not stepped when it is not
+    finite: training stops there)."""
     x, y = to_device(batch[0], dev), batch[1].to(dev, non_blocking=True)
     with autocast_for(dev):
         loss = seg_loss(model(x), y, loss_kind)
     if not torch.isfinite(loss):
         return float(loss.item())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     return float(loss.item())
 
 
@@ -138,6 +140,7 @@ def train(
     model = build_model(cfg.arch, train_set.channels, k, cfg.depth, cfg.base_width, cfg.max_width)
     model = model.to(dev, memory_format=memory_format_for(dev))
     optimizer = make_optimizer(cfg, model.parameters())
+    scaler = grad_scaler(dev)
     total = cfg.epochs * cfg.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.schedule, s, total)
@@ -147,6 +150,8 @@ def train(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["torch_rng"])
         best = resume["best"]
         result = TrainResult(best["state_dict"], best["epoch"], best["miou"], resume["history"],
@@ -173,7 +178,7 @@ def train(
         for epoch in range(first, cfg.epochs):
             started, losses = time.perf_counter(), []
             for step in range(cfg.steps_per_epoch):
-                loss = train_step(model, optimizer, next(stream), cfg.loss, dev)
+                loss = train_step(model, optimizer, scaler, next(stream), cfg.loss, dev)
                 if not math.isfinite(loss):
                     raise DivergedError(
                         f"loss became {loss} at epoch {epoch} step {step} "
@@ -203,6 +208,7 @@ def train(
                 on_saved({
                     "epoch": epoch, "model": _on_cpu(model.state_dict()),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "batches": stream.rng_state(),
                     "history": result.history, "best": {"state_dict": result.state_dict,
                     "epoch": result.best_epoch, "miou": result.best_patch_miou},

@@ -248,8 +248,27 @@ def test_precision_is_bf16_where_the_cpu_has_it_and_the_variable_overrides_it(mo
         assert dev.precision_for(cpu) == "bf16"
     assert dev.precision_for(cpu) == "fp32"
     monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp16")
-    with pytest.raises(UserError, match="TRAIN_OPTUNA_PRECISION='fp16': use auto, bf16 or fp32"):
+    with pytest.raises(UserError, match=r"TRAIN_OPTUNA_PRECISION=fp16: only on a CUDA device"):
         dev.pick_device("cpu")
+
+
+def test_precision_per_gpu_bf16_from_compute_capability_8_else_fp16_with_a_scaler(monkeypatch):
+    """The capability is faked here (no GPU in the tests); the GPU check runs it for real."""
+    from segcore import device as dev
+
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("TRAIN_OPTUNA_PRECISION", raising=False)
+    for major, expected, dtype in ((7, "fp16", torch.float16), (8, "bf16", torch.bfloat16),
+                                   (9, "bf16", torch.bfloat16)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, m=major: (m, 0))
+        assert dev.precision_for(cuda) == expected
+        assert dev.autocast_for(cuda).fast_dtype == dtype
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp32")
+    assert dev.precision_for(cuda) == "fp32"
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp16")  # on request, even where bf16 runs
+    assert dev.precision_for(cuda) == "fp16"
+    monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "fp32")
+    assert not dev.grad_scaler(torch.device("cpu")).is_enabled()
 
 
 def test_a_bad_precision_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
@@ -260,7 +279,7 @@ def test_a_bad_precision_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRAIN_OPTUNA_PRECISION", "half")
     assert main(["train", "--config", str(config), "--out", "x.pt"]) == 2
     assert capsys.readouterr().err == (
-        "error: TRAIN_OPTUNA_PRECISION='half': use auto, bf16 or fp32\n"
+        "error: TRAIN_OPTUNA_PRECISION='half': use auto, bf16, fp16 or fp32\n"
     )
     assert list(tmp_path.iterdir()) == []
 
