@@ -342,8 +342,10 @@ def cmd_search(args) -> int:
     from segcore.workers import Launcher
 
     n_workers, gpus = worker_slots(args)
-    name, url, space = prepare_study(args, f"{n_workers} workers, logs in storage/{args.study}/",
-                                     on_gpus=bool(gpus))  # fmt: skip
+    where = where_text(gpus, n_workers)
+    name, url, space = prepare_study(
+        args, f"{n_workers} workers {where}, logs in storage/{args.study}/", on_gpus=bool(gpus)
+    )
     timeout = args.timeout if args.timeout is not None else space.timeout
     code = Launcher(name, url, n_workers, gpus, args.quiet, seed=args.seed,
                     timeout=timeout).run()  # fmt: skip
@@ -355,6 +357,7 @@ def cmd_search(args) -> int:
 def worker_slots(args) -> tuple[int, list[int]]:
     """(processes, GPUs) of --workers, --gpus and --workers-per-gpu: what the search's workers
     use, and the promotion stage's finalists after them."""
+    from segcore.device import pick_device
     from segcore.workers import parse_gpus
 
     if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
@@ -365,7 +368,37 @@ def worker_slots(args) -> tuple[int, list[int]]:
     if args.workers_per_gpu < 1:
         raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
     gpus = parse_gpus(args.gpus)
+    device = args.device or "auto"
+    if device == "cpu":  # the CPU forced: no GPU, whatever is visible
+        if args.gpus not in ("auto", "none"):
+            raise UserError(f"--device cpu: conflicts with --gpus {args.gpus}; give one of them")
+        gpus = []
+    elif device.startswith("cuda"):
+        pick_device(device)  # the GPU must exist
+        if not gpus:
+            raise UserError(f"--device {device}: conflicts with --gpus {args.gpus}")
+        if ":" in device and args.gpus == "auto":  # that GPU only
+            pick_device(device)
+            gpus = [int(device.split(":")[1])]
     return args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2), gpus
+
+
+def search_device(gpus: list[int]) -> str:
+    """Where rescoring and the final fit run: the first of the search's GPUs, or the CPU when
+    the search trained there (never silently another device)."""
+    return f"cuda:{gpus[0]}" if gpus else "cpu"
+
+
+def where_text(gpus: list[int], n_workers: int) -> str:
+    """The device, precision and threads a search's workers run with, for its first line."""
+    import torch
+
+    from segcore.device import precision_for, usable_cpus
+
+    device = torch.device(search_device(gpus))
+    what = f"GPU {','.join(map(str, gpus))}" if gpus else "the CPU"
+    threads = max(1, usable_cpus() // n_workers)
+    return f"on {what} in {precision_for(device)}, {threads} thread(s) each"
 
 
 def cmd_finish(args) -> int:
@@ -376,7 +409,8 @@ def cmd_finish(args) -> int:
 
     name, url = _study_args(args)
     workers = worker_slots(args)
-    print_scores(score(name, url, progress=not args.quiet, device=args.device))
+    device = search_device(workers[1])
+    print_scores(score(name, url, progress=not args.quiet, device=device))
     best = json.loads(export(name, url).read_text())
     print(f"best at the trial budget: trial {best['trial']}, validation full-image mIoU "
           f"{best['validation']['full_image_miou']:.4f}")  # fmt: skip
@@ -396,8 +430,8 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
 
     space = open_study(name, url)[1]
     if space.finalists:
-        scores = promote(name, url, workers=workers[0], gpus=workers[1], device=args.device,
-                         quiet=args.quiet)  # fmt: skip
+        scores = promote(name, url, workers=workers[0], gpus=workers[1],
+                         device="cuda" if workers[1] else "cpu", quiet=args.quiet)  # fmt: skip
         for number, s in scores.items():
             print(f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f} (95 % "
                   f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at "
@@ -411,7 +445,7 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
             space.ensemble > 1 else f"final fit of trial {best['trial']} ({cfg['epochs']} epochs "
             f"{steps}, on {cfg['train_on']})")  # fmt: skip
     print(what, file=sys.stderr)
-    final_fit(name, url, device=pick_device(args.device), progress=not args.quiet)
+    final_fit(name, url, device=pick_device(search_device(workers[1])), progress=not args.quiet)
 
 
 def cmd_slurm(args) -> int:
@@ -664,9 +698,9 @@ def build_parser() -> Parser:
     p.add_argument("--space", help="search-space YAML to validate, or auto: print the space "
                    "`search --space auto` plans from --data on this machine")  # fmt: skip
     p.add_argument("--data", help="data folder: read every file, print what it holds")
-    p.add_argument("--gpus", default="none",
+    p.add_argument("--gpus", default="auto",
                    help="with --space auto: plan for the trials on these GPUs, as search's --gpus "
-                   "(default none: the CPU)")  # fmt: skip
+                   "(default auto: every visible GPU, the CPU without one)")  # fmt: skip
     p.set_defaults(func=cmd_check)
 
     def study_options(p, storage_help="SQLAlchemy URL (default sqlite:///storage/NAME.db)"):
@@ -698,7 +732,9 @@ def build_parser() -> Parser:
         p.add_argument("--workers", type=int,
                        help="worker processes (default: GPUs x --workers-per-gpu, or 2 on the "
                             "CPU); the promotion stage trains as many finalists at once")  # fmt: skip
-        p.add_argument("--gpus", default="none", help="none, all or a list like 0,1 (default none)")
+        p.add_argument("--gpus", default="auto",
+                       help="auto (default: every visible GPU, the CPU without one), none (the CPU) "
+                            "or a list like 0,1")  # fmt: skip
         p.add_argument("--workers-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
 
     p = sub.add_parser("search", help="create or resume a study, run it to budget, rescore, export")

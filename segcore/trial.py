@@ -27,6 +27,7 @@ from segcore.budget import budgeted
 from segcore.checkpoints import WARM_START, store_checkpoint, would_be_top
 from segcore.costs import measure, violations
 from segcore.data import ZSCORE
+from segcore.device import precision_for
 from segcore.errors import DivergedError, is_out_of_memory
 from segcore.resume import Saver, find_state
 from segcore.space import Space, suggest
@@ -112,6 +113,11 @@ def run_trial(trial: optuna.Trial, ctx: Context) -> Outcome:
         torch.cuda.empty_cache()
     cfg = suggest(trial, ctx.space)
     trial.set_user_attr("config", cfg.to_dict())
+    gpu = f" ({torch.cuda.get_device_name(ctx.device)})" if ctx.device.type == "cuda" else ""
+    where = {"device": f"{ctx.device}{gpu}", "precision": precision_for(ctx.device),
+             "threads": torch.get_num_threads()}  # fmt: skip
+    for key, value in where.items():  # what it ran with, on its dashboard page
+        trial.set_user_attr(key, value)
     image = val_set.normalized(ZSCORE).images[0]  # its values do not change what it costs
     costs = measure(cfg, train_set.channels, len(train_set.classes), image, ctx.device)
     for key, value in costs.items():

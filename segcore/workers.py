@@ -45,18 +45,19 @@ PRELOAD = ["segcore.worker", "segcore.train", "torch._dynamo", "optuna.storages.
 
 
 def parse_gpus(spec: str) -> list[int]:
-    """'none' -> [], 'all' -> every visible GPU, '0,2' -> those (each must exist)."""
+    """'none' -> [], 'auto' or 'all' -> every visible GPU (none on a machine without one),
+    '0,2' -> those (each must exist)."""
     import torch
 
-    available = torch.cuda.device_count()
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "none":
         return []
-    if spec == "all":
+    if spec in ("auto", "all"):
         return list(range(available))
     try:
         gpus = [int(g) for g in spec.split(",")]
     except ValueError:
-        raise UserError(f"--gpus {spec!r}: use none, all or a list like 0,1") from None
+        raise UserError(f"--gpus {spec!r}: use auto, none, all or a list like 0,1") from None
     for g in gpus:
         if not 0 <= g < available:
             raise UserError(f"--gpus: GPU {g} does not exist (this machine has {available})")
@@ -153,7 +154,8 @@ class Launcher:
 
     def start(self, i: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        argv = [str(ENTRY), "worker", "--study", self.name, "--seed", str(self.worker_seed(i))]
+        argv = [str(ENTRY), "worker", "--study", self.name, "--seed", str(self.worker_seed(i)),
+                "--device", "cuda" if self.gpus else "cpu"]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
         if self.deadline is not None:  # the search's own, not counted from the worker's start
             env[DEADLINE_ENV] = repr(self.deadline)

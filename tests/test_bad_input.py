@@ -311,7 +311,12 @@ CASES = [
      "damaged.pt: damaged model file (RuntimeError"),
     # options
     ("gpus-7", None, [*SEARCH, "--gpus", "7"], "--gpus: GPU 7 does not exist"),
-    ("gpus-word", None, [*SEARCH, "--gpus", "first"], "--gpus 'first': use none, all or a list"),
+    ("gpus-word", None, [*SEARCH, "--gpus", "first"],
+     "--gpus 'first': use auto, none, all or a list"),
+    ("device-cuda-no-gpu", None, [*SEARCH, "--device", "cuda"],
+     "--device cuda: no CUDA device is visible on this machine"),
+    ("device-cuda-gpus-none", None, [*SEARCH, "--device", "cuda", "--gpus", "none"],
+     "--device cuda: no CUDA device is visible"),
     ("workers-0", None, [*SEARCH, "--workers", "0"], "--workers: from 1 to 64"),
     ("workers-1000", None, [*SEARCH, "--workers", "1000"], "--workers: from 1 to 64"),
     ("seed-negative", None, ["data", "--out", "d", "--seed", "-1"],
