@@ -263,7 +263,7 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
     from segcore.device import pick_device
     from segcore.space import load_space
     from segcore.storage import check_url, default_url, mask_url, storage_url
-    from segcore.study import cache_dir, check_name, create_study, load_splits
+    from segcore.study import cache_dir, check_name, create_study, folder_of, load_splits
 
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
@@ -281,12 +281,14 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
         raise
     data = str(Path(args.data).resolve()) if args.data else None
     test_data = str(Path(args.test_data).resolve()) if args.test_data else None
-    made = next((p for p in reversed(cache_dir(args.study).parents) if not p.exists()), None)
-    made = made or (None if cache_dir(args.study).exists() else cache_dir(args.study))
+    folder = folder_of(args.study, url, getattr(args, "artifacts", None))
+    cache = cache_dir(folder)
+    made = next((p for p in reversed(cache.parents) if not p.exists()), None)
+    made = made or (None if cache.exists() else cache)
     try:  # every file read and decoded once into the cache the workers map, before any worker
         name, url = _study_args(args, create=True)
-        splits = load_splits(data, test_data, space, cache=cache_dir(name))
-        study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits)
+        splits = load_splits(data, test_data, space, cache=cache)
+        study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits, folder)
     except BaseException as e:  # nothing half-written: the folders and the planned space go
         if made is not None and isinstance(e, UserError):
             shutil.rmtree(made, ignore_errors=True)
@@ -303,9 +305,9 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
         data_note(study)
         for line in fp["warnings"]:
             print(f"warning: {line}", file=sys.stderr)
-    print(f"study {name} on {mask_url(url)}: {workers}; images: {len(splits.train.names)} "
-          f"train, {len(splits.val.names)} validation (chooses), {len(splits.test.names)} test "
-          f"(read only by the final fit)", file=sys.stderr)  # fmt: skip
+    print(f"study {name} on {mask_url(url)}: {workers}; logs and files in {folder}; images: "
+          f"{len(splits.train.names)} train, {len(splits.val.names)} validation (chooses), "
+          f"{len(splits.test.names)} test (read only by the final fit)", file=sys.stderr)  # fmt: skip
     return name, url, space
 
 
@@ -343,9 +345,7 @@ def cmd_search(args) -> int:
 
     n_workers, gpus = worker_slots(args)
     where = where_text(gpus, n_workers)
-    name, url, space = prepare_study(
-        args, f"{n_workers} workers {where}, logs in storage/{args.study}/", on_gpus=bool(gpus)
-    )
+    name, url, space = prepare_study(args, f"{n_workers} workers {where}", on_gpus=bool(gpus))
     timeout = args.timeout if args.timeout is not None else space.timeout
     code = Launcher(name, url, n_workers, gpus, args.quiet, seed=args.seed,
                     timeout=timeout).run()  # fmt: skip
@@ -541,7 +541,7 @@ def cmd_dashboard(args) -> int:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
     name, url = _study_args(args)
     storage = open_storage(url)
-    load_study(name, storage, seed=None)  # a clear error for a study that is not there
+    study, _ = load_study(name, storage, seed=None)  # a clear error for a study not there
     try:  # say clearly when the port is taken, before the server thread would die of it
         with socket.create_server((args.host, args.port)):
             pass
@@ -555,7 +555,7 @@ def cmd_dashboard(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host}: optuna-dashboard has no authentication and can "
               f"change the study; anyone who can reach this address can", file=sys.stderr)  # fmt: skip
-    store = open_store(name)
+    store = open_store(study)
     print(f"dashboard of study {name} ({mask_url(url)}): http://{args.host}:{args.port}/ "
           f"(Ctrl-C stops it)", flush=True)  # fmt: skip
     # The server runs in a daemon thread: wsgiref swallows a KeyboardInterrupt that lands inside a
@@ -718,6 +718,11 @@ def build_parser() -> Parser:
         )
         study_options(p)
         p.add_argument("--data", help="labelled data folder (default: synthetic, seed 0)")
+        p.add_argument("--artifacts",
+                       help="the study's folder for checkpoints, the decode cache and logs, "
+                            "recorded when it is created (default: beside the SQLite file, "
+                            "DIR/NAME for DIR/NAME.db; with PostgreSQL storage/NAME here: give "
+                            "a shared folder for many machines)")  # fmt: skip
         p.add_argument("--test-data", help="labelled folder of test images (default: split off)")
         p.add_argument("--n-trials", type=int, help="study-wide budget (default: the space's)")
         p.add_argument("--timeout", type=float,

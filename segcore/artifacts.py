@@ -23,14 +23,37 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
 
 
-def store_dir(name: str) -> Path:
-    return Path("storage") / name / "artifacts"
+FOLDER = "folder"  # the study user attribute that records the study's folder
 
 
-def open_store(name: str) -> FileSystemArtifactStore:
-    """The study's artifact store under storage/NAME/artifacts (created: optuna does not)."""
-    store_dir(name).mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(store_dir(name)))
+def folder_for(name: str, url: str, given: str | None = None) -> Path:
+    """Where a new study's files go (artifacts, the decode cache, the workers' logs): `given`
+    (--artifacts), else beside its SQLite file (DIR/NAME.db -> DIR/NAME), else storage/NAME in
+    the working folder (with PostgreSQL on many machines, give a shared folder). Absolute: the
+    study records it, and every worker, `score`, `final`, `report` and `dashboard` use it
+    wherever they are started."""
+    from segcore.storage import sqlite_path
+
+    if given:
+        return Path(given).absolute()
+    db = sqlite_path(url)
+    return ((db.parent if db is not None else Path("storage")) / name).absolute()
+
+
+def study_folder(study: optuna.Study) -> Path:
+    """The folder the study records (studies made before it was recorded: storage/NAME)."""
+    recorded = study.user_attrs.get(FOLDER)
+    return Path(recorded) if recorded else Path("storage") / study.study_name
+
+
+def store_dir(study: optuna.Study) -> Path:
+    return study_folder(study) / "artifacts"
+
+
+def open_store(study: optuna.Study) -> FileSystemArtifactStore:
+    """The study's artifact store, FOLDER/artifacts (created: optuna does not)."""
+    store_dir(study).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(store_dir(study)))
 
 
 def listed(study: optuna.Study) -> list[tuple[int, str, dict]]:

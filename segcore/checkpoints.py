@@ -79,7 +79,7 @@ def load_checkpoint(study: optuna.Study, trial: FrozenTrial, store, device: torc
             fetch(store, found[1], path)
         except ArtifactNotFound:
             raise UserError(
-                f"--study {name}: trial {trial.number}'s checkpoint is not in {store_dir(name)}"
+                f"--study {name}: trial {trial.number}'s checkpoint is not in {store_dir(study)}"
                 f" (on many machines, that folder must be shared)"
             ) from None
         return load_model(path, device)

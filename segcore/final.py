@@ -92,7 +92,7 @@ def export(name: str, url: str, out: str | Path | None = None, model: str | Path
             raise UserError(f"--model: trial {record['trial']}'s checkpoint is no longer kept")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "checkpoint.pt"
-            fetch(open_store(name), found[1], path)
+            fetch(open_store(study), found[1], path)
             atomic_write(model, lambda dst: shutil.copyfile(path, dst))
     path = Path(out) if out else reports_dir(name) / "best.json"
     write_text(path, json.dumps(record, indent=2) + "\n")

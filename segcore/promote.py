@@ -30,6 +30,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from segcore.artifacts import study_folder
 from segcore.budget import same_request
 from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
@@ -142,7 +143,8 @@ def run_finalists(
     quiet: bool,
 ) -> None:  # fmt: skip
     """`promote --trial N` for each of `numbers`, `parallel` at a time, as the search's workers
-    run: forked from the fork server, pinned to a GPU, logs in storage/NAME/promote-N.log.
+    run: forked from the fork server, pinned to a GPU, logs in the study's folder
+    (storage/NAME/promote-N.log by default).
     Ctrl-C stops them all (each resumes from its last epoch next time)."""
     from segcore.storage import STORAGE_ENV
     from segcore.workers import ENTRY, PARENT_ENV, fork_server, run_command, worker_env
@@ -153,7 +155,7 @@ def run_finalists(
         for n in numbers:
             promote_one(name, url, n, pick_device(device), progress=not quiet)
         return
-    context, logs = fork_server(), Path("storage") / name
+    context, logs = fork_server(), study_folder(open_study(name, url)[0])
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, usable_cpus() // parallel)
     waiting, running = list(numbers), {}

@@ -31,7 +31,7 @@ def score(
     validation images (and their prediction pictures, unless `panels` is false)."""
     study, space = open_study(name, url)
     dev = pick_device(device)
-    store = open_store(name)
+    store = open_store(study)
     found = checkpoints(study)
     top = [t for t in kept_trials(study, top_k or space.top_k) if t._trial_id in found]
     if not top:

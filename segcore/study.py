@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from segcore.artifacts import FOLDER, folder_for, study_folder
 from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.data import dataset_from, load_folder
@@ -40,14 +41,15 @@ def reports_dir(name: str) -> Path:
     return Path("reports") / name
 
 
-def cache_dir(name: str) -> Path:
-    """The study's decode cache (segcore.cache): decoded images and masks every worker maps."""
-    return Path("storage") / name / "cache"
+def cache_dir(folder: Path) -> Path:
+    """The decode cache (segcore.cache) in a study's folder: decoded images and masks every
+    worker maps."""
+    return folder / "cache"
 
 
 def create_study(
     name: str, url: str, space: Space, data: str | None, n_trials: int | None,
-    test_data: str | None = None, splits: Splits | None = None,
+    test_data: str | None = None, splits: Splits | None = None, folder: Path | None = None,
 ) -> tuple[optuna.Study, Space]:  # fmt: skip
     """Create the study, or resume it (same space, data and classes only); returns (study,
     space). The study records its data folders, its split (image names per part), the class
@@ -57,6 +59,8 @@ def create_study(
     sources = {"data": data, "test_data": test_data}
     with SlotLock(storage, url, name).held():
         study, stored = _create_or_resume(name, storage, space, sources, n_trials)
+        if folder is not None and FOLDER not in study.user_attrs:
+            study.set_user_attr(FOLDER, str(folder))
         if splits is not None:
             labels = splits.train.labels.to_dict()
             if study.user_attrs.get("labels", labels) != labels:
@@ -136,6 +140,19 @@ def study_exists(name: str, url: str) -> bool:
     return name in optuna.get_all_study_names(storage=open_storage(url))
 
 
+def folder_of(name: str, url: str, given: str | None = None) -> Path:
+    """The folder of study `name`: the one it records, else (a new study) folder_for's; a
+    --artifacts folder other than the recorded one is an error."""
+    if study_exists(name, url):
+        recorded = optuna.load_study(study_name=name, storage=open_storage(url)).user_attrs
+        if recorded.get(FOLDER):
+            if given and Path(given).absolute() != Path(recorded[FOLDER]):
+                raise UserError(f"--artifacts {given}: study {name!r} keeps its files in "
+                                f"{recorded[FOLDER]}")  # fmt: skip
+            return Path(recorded[FOLDER])
+    return folder_for(name, url, given)
+
+
 def load_study(name: str, storage, seed: int | None) -> tuple[optuna.Study, Space]:
     """Load a study and the space stored with it; sampler and pruner rebuilt from the space."""
     try:
@@ -182,7 +199,7 @@ def study_splits(study: optuna.Study, space: Space) -> Splits:
     recorded = study.user_attrs.get("labels")
     labels = Labels.from_dict(recorded, f"study {study.study_name}") if recorded else None
     splits = load_splits(study.user_attrs.get("data"), study.user_attrs.get("test_data"), space,
-                         labels, cache_dir(study.study_name))  # fmt: skip
+                         labels, cache_dir(study_folder(study)))  # fmt: skip
     split = study.user_attrs.get("split")
     if split is not None and split != splits.names():
         folder = study.user_attrs.get("data") or "the synthetic data"

@@ -113,7 +113,7 @@ def run_worker(
     deadline = None if timeout is None else time.time() + timeout
     if os.environ.get(DEADLINE_ENV):  # a search's worker: the search's deadline, not its own
         deadline = float(os.environ[DEADLINE_ENV])
-    ctx = Context(study, space, study_splits(study, space), open_store(name), interrupts,
+    ctx = Context(study, space, study_splits(study, space), open_store(study), interrupts,
                   pick_device(device), deadline)  # fmt: skip
     signal.signal(signal.SIGINT, interrupts)
     signal.signal(signal.SIGTERM, interrupts)

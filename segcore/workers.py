@@ -27,6 +27,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from segcore.artifacts import study_folder
 from segcore.device import usable_cpus
 from segcore.errors import UserError
 from segcore.resume import retry
@@ -144,12 +145,12 @@ class Launcher:
         self.deadline = None if timeout is None else time.time() + timeout
         self.gpus = gpus
         self.threads = max(1, usable_cpus() // n_workers)
-        self.log_dir = Path("storage") / name
+        self.study = optuna.load_study(study_name=name, storage=open_storage(url))
+        self.log_dir = study_folder(self.study)
         self.procs: list[BaseProcess | None] = [None] * n_workers
         self.restarts = [0] * n_workers
         self.printed = float("-inf")
         self.gave_up = False
-        self.study = optuna.load_study(study_name=name, storage=open_storage(url))
         self.context = fork_server()
 
     def start(self, i: int) -> None:

@@ -76,7 +76,7 @@ class Run:
         if pruner is not None:  # the same study, seen through another pruner
             self.study = optuna.load_study(study_name="s", storage=self.url, pruner=pruner)
         self.data = study_splits(self.study, self.space)
-        self.store = open_store("s")
+        self.store = open_store(self.study)
         self.storage = open_storage(self.url)
         self.lock = SlotLock(self.storage, self.url, "s")
 
@@ -552,3 +552,32 @@ def test_error_map_and_pareto_front():
     assert red.tolist() == [[False, False, True], [True, False, False]]
     points = [(10, 0.90), (5, 0.80), (20, 0.95), (12, 0.85), (5, 0.70), (30, 0.94)]
     assert pareto_front(points) == [(5, 0.80), (10, 0.90), (20, 0.95)]
+
+
+def test_a_study_keeps_its_files_beside_its_sqlite_file_wherever_its_commands_start(
+    tmp_path, monkeypatch
+):
+    """The folder is recorded when the study is created: beside DIR/NAME.db (DIR/NAME), or
+    --artifacts; a command started in another folder finds the same store and cache."""
+    from segcore.artifacts import FOLDER, folder_for, store_dir
+    from segcore.study import cache_dir, folder_of
+
+    run = Run(tmp_path, monkeypatch)
+    assert run.study.user_attrs.get(FOLDER) is None  # created here without a folder: storage/s
+    other = tmp_path / "elsewhere" / "db"
+    url = f"sqlite:///{other}/t.db"
+    assert folder_for("t", url) == other / "t"
+    assert folder_for("t", "postgresql+psycopg://u@h/db", str(tmp_path / "shared")) == (
+        tmp_path / "shared"
+    )
+    assert folder_of("t", url) == other / "t"  # a new study: beside its file
+    other.mkdir(parents=True)
+    shutil.copy(Run.template, other / "t.db")
+    splits = load_splits(str(tmp_path / "d"), None, run.space)
+    study, _ = create_study("t", url, run.space, str(tmp_path / "d"), None, None, splits,
+                            folder_for("t", url))  # fmt: skip
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working folder: the recorded one
+    assert folder_of("t", url) == other / "t" and store_dir(study) == other / "t" / "artifacts"
+    assert study_splits(study, run.space) is not None and cache_dir(other / "t").is_dir()
+    with pytest.raises(UserError, match=r"--artifacts x: study 't' keeps its files in"):
+        folder_of("t", url, "x")
