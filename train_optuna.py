@@ -273,19 +273,15 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
     if url != default_url(args.study):  # the default's folder is made below, after the checks
         check_url(url)  # before the data, which takes a while to read
     path, planned = planned_space(args, on_gpus, url) if args.space == AUTO else (args.space, None)
-    try:
-        space = load_space(path)
-    except BaseException:
-        if planned is not None:  # nothing half-written
-            planned.unlink()
-        raise
-    data = str(Path(args.data).resolve()) if args.data else None
-    test_data = str(Path(args.test_data).resolve()) if args.test_data else None
-    folder = folder_of(args.study, url, getattr(args, "artifacts", None))
-    cache = cache_dir(folder)
-    made = next((p for p in reversed(cache.parents) if not p.exists()), None)
-    made = made or (None if cache.exists() else cache)
+    made = None
     try:  # every file read and decoded once into the cache the workers map, before any worker
+        space = load_space(path)
+        data = str(Path(args.data).resolve()) if args.data else None
+        test_data = str(Path(args.test_data).resolve()) if args.test_data else None
+        folder = folder_of(args.study, url, getattr(args, "artifacts", None))
+        cache = cache_dir(folder)
+        made = next((p for p in reversed(cache.parents) if not p.exists()), None)
+        made = made or (None if cache.exists() else cache)
         name, url = _study_args(args, create=True)
         splits = load_splits(data, test_data, space, cache=cache)
         study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits, folder)
@@ -378,7 +374,6 @@ def worker_slots(args) -> tuple[int, list[int]]:
         if not gpus:
             raise UserError(f"--device {device}: conflicts with --gpus {args.gpus}")
         if ":" in device and args.gpus == "auto":  # that GPU only
-            pick_device(device)
             gpus = [int(device.split(":")[1])]
     return args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2), gpus
 
