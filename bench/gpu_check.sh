@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The CUDA path and GPU throughput in one short run (docs/benchmarks.md, "GPU"): the training
-# step by layout and the loader with augmentation processes (bench/train.py), stitched inference
-# against MONAI (bench/infer.py), then the handover on `shapes` as a user runs it on a GPU: a
-# search with two workers on one GPU (bf16 autocast, channels_last, pinned memory, augmentation
-# processes), rescoring, the final fit, the recipe trained on the same split, both scored on the
-# test images by `evaluate` on CUDA, and `predict` on CUDA. Everything is logged under $OUT.
+# The GPU figures, in two parts that each fit one device call (under 8 minutes):
 #
-#     OUT=/tmp/gpu bash bench/gpu_check.sh [DATA_DIR]
+#     OUT=/tmp/gpu bash bench/gpu_check.sh util SHAPES_DIR [HELA_DIR]
+#     OUT=/tmp/gpu bash bench/gpu_check.sh handover [SHAPES_DIR]
+#
+# `util` (issue 24): how busy a `default.yaml` search keeps the GPU with 1, 2 and 4 workers per
+# GPU, on each data folder, 50 s of searching each (bench/gpu_util.py: nvidia-smi sampling,
+# epochs and trial-equivalents per hour, each worker's device, precision and threads).
+# `handover`: the CUDA path and GPU throughput: the training step by layout and the loader with
+# augmentation processes (bench/train.py), stitched inference against MONAI (bench/infer.py),
+# then the handover on `shapes` as a user runs it on a GPU: a search with two workers on one GPU
+# (bf16 autocast, channels_last, pinned memory, augmentation processes), rescoring, the final
+# fit, the recipe trained on the same split, both scored on the test images by `evaluate` on
+# CUDA, and `predict` on CUDA. Everything is logged under $OUT.
 #
 # On a machine without our packages, wheels in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
-DATA=$(realpath "${1:-../shared/datasets/shapes}")
+PART=${1:-util}
+DATA=$(realpath "${2:-../shared/datasets/shapes}")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
@@ -21,6 +28,14 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, optuna; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'optuna', optuna.__version__)"
 nproc
+if [ "$PART" = util ]; then
+    folders=(--data "$DATA")
+    [ -n "${3:-}" ] && folders+=(--data "$(realpath "$3")")
+    timeout 470 python3 bench/gpu_util.py "${folders[@]}" --seconds 50 --out "$OUT/util" 2>&1 \
+        | tee "$OUT/util.txt"
+    rm -f "$OUT"/util/*.db*; rm -rf "$OUT"/util/util-*/
+    exit 0
+fi
 echo "== bench/train.py"
 timeout 150 python3 bench/train.py --device cuda --steps 30 --repeats 3 --processes 0 4 2>&1 \
     | tee "$OUT/train.txt"
