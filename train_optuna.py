@@ -205,8 +205,8 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
     """(study name, storage URL); only `search` may create the default SQLite file, and it first
     checks that storage/ (logs, checkpoints), reports/ and a SQLite file's folder can be written."""
     from segcore.files import check_writable
-    from segcore.storage import default_url, sqlite_path, storage_url
-    from segcore.study import check_name
+    from segsearch.storage import default_url, sqlite_path, storage_url
+    from segsearch.study import check_name
 
     name = check_name(args.study)
     url = storage_url(name, args.storage)
@@ -229,13 +229,13 @@ def _study_args(args, create: bool = False) -> tuple[str, str]:
 
 
 def cmd_check(args) -> int:
-    from segcore.space import largest_patch, load_space
+    from segsearch.space import largest_patch, load_space
 
     if args.space is None and args.data is None:
         raise UserError("check: give --space FILE, --data DIR or both")
     if args.space == AUTO:  # print the space `search --space auto` would plan here
-        from segcore.plan import space_text
-        from segcore.workers import parse_gpus
+        from segsearch.launcher import parse_gpus
+        from segsearch.plan import space_text
 
         kind = "cuda" if parse_gpus(args.gpus) else "cpu"
         print(space_text(_fingerprint_of(args.data), kind, args.data or "synthetic data"), end="")
@@ -261,9 +261,9 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
     import shutil
 
     from segcore.device import pick_device
-    from segcore.space import load_space
-    from segcore.storage import check_url, default_url, mask_url, storage_url
-    from segcore.study import cache_dir, check_name, create_study, folder_of, load_splits
+    from segsearch.space import load_space
+    from segsearch.storage import check_url, default_url, mask_url, storage_url
+    from segsearch.study import cache_dir, check_name, create_study, folder_of, load_splits
 
     if args.n_trials is not None and args.n_trials < 1:
         raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
@@ -293,8 +293,8 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
         raise
     if "fingerprint" not in study.user_attrs:
         from segcore.fingerprint import fingerprint
-        from segcore.notes import data_note
-        from segcore.space import largest_patch
+        from segsearch.notes import data_note
+        from segsearch.space import largest_patch
 
         fp = fingerprint(splits.train.join(splits.val).join(splits.test), largest_patch(space))
         study.set_user_attr("fingerprint", fp)
@@ -307,7 +307,7 @@ def prepare_study(args, workers: str, on_gpus: bool = False):
     return name, url, space
 
 
-AUTO = "auto"  # --space auto: a space planned from the data and the machine (segcore.plan)
+AUTO = "auto"  # --space auto: a space planned from the data and the machine (segsearch.plan)
 
 
 def _fingerprint_of(data: str | None) -> dict:
@@ -322,8 +322,8 @@ def planned_space(args, on_gpus: bool, url: str) -> tuple[Path, Path | None]:
     None): a study's space is planned when the study is created, and later runs read the file
     as it is, edited or not (a file left without its study is planned again)."""
     from segcore.files import check_output, write_text
-    from segcore.plan import space_text
-    from segcore.study import check_name, reports_dir, study_exists
+    from segsearch.plan import space_text
+    from segsearch.study import check_name, reports_dir, study_exists
 
     path = reports_dir(check_name(args.study)) / "space.yaml"
     if path.is_file() and study_exists(args.study, url):
@@ -337,7 +337,7 @@ def planned_space(args, on_gpus: bool, url: str) -> tuple[Path, Path | None]:
 
 
 def cmd_search(args) -> int:
-    from segcore.workers import Launcher
+    from segsearch.launcher import Launcher
 
     n_workers, gpus = worker_slots(args)
     where = where_text(gpus, n_workers)
@@ -354,7 +354,7 @@ def worker_slots(args) -> tuple[int, list[int]]:
     """(processes, GPUs) of --workers, --gpus and --workers-per-gpu: what the search's workers
     use, and the promotion stage's finalists after them."""
     from segcore.device import pick_device
-    from segcore.workers import parse_gpus
+    from segsearch.launcher import parse_gpus
 
     if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
         raise UserError(
@@ -399,8 +399,8 @@ def where_text(gpus: list[int], n_workers: int) -> str:
 def cmd_finish(args) -> int:
     """Rescoring, the promotion stage and the final fit (unless --no-final), export, the report,
     the last lines."""
-    from segcore.final import export
-    from segcore.rescore import score
+    from segsearch.final import export
+    from segsearch.rescore import score
 
     name, url = _study_args(args)
     workers = worker_slots(args)
@@ -419,9 +419,9 @@ def cmd_finish(args) -> int:
 def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None:
     """The promotion stage (when the space has finalists), then the final fit of the winner."""
     from segcore.device import pick_device
-    from segcore.final import export, final_fit
-    from segcore.promote import budget_text, promote
-    from segcore.study import open_study
+    from segsearch.final import export, final_fit
+    from segsearch.promote import budget_text, promote
+    from segsearch.study import open_study
 
     space = open_study(name, url)[1]
     if space.finalists:
@@ -446,9 +446,9 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
 def cmd_slurm(args) -> int:
     import numpy as np
 
-    from segcore.slurm import submit
-    from segcore.storage import sqlite_path
-    from segcore.study import open_study
+    from segsearch.slurm import submit
+    from segsearch.storage import sqlite_path
+    from segsearch.study import open_study
 
     if not 1 <= args.workers <= 10_000:
         raise UserError(f"--workers: array tasks, from 1 to 10000, got {args.workers}")
@@ -487,8 +487,8 @@ def check_timeout(timeout: float | None) -> None:
 
 def print_final(name: str, url: str) -> None:
     """The last lines of a search or `final`: the model handed over, its honest figure."""
-    from segcore.final import best_record
-    from segcore.study import open_study, reports_dir
+    from segsearch.final import best_record
+    from segsearch.study import open_study, reports_dir
 
     study, space = open_study(name, url)
     best = best_record(study, space)
@@ -511,8 +511,8 @@ def cmd_final(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from segcore.report import write_report
-    from segcore.study import open_study, reports_dir
+    from segsearch.report import write_report
+    from segsearch.study import open_study, reports_dir
 
     name, url = _study_args(args)
     study, space = open_study(name, url)
@@ -528,9 +528,9 @@ def cmd_dashboard(args) -> int:
 
     from optuna_dashboard import run_server
 
-    from segcore.artifacts import open_store
-    from segcore.storage import mask_url, open_storage
-    from segcore.study import load_study
+    from segsearch.artifacts import open_store
+    from segsearch.storage import mask_url, open_storage
+    from segsearch.study import load_study
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
@@ -577,7 +577,7 @@ def as_launched() -> None:
     import torch
 
     from segcore.device import usable_cpus
-    from segcore.workers import die_with_launcher
+    from segsearch.launcher import die_with_launcher
 
     die_with_launcher()
     threads = os.environ.get("TRAIN_OPTUNA_THREADS")  # the launcher's share, or all it may use
@@ -586,7 +586,7 @@ def as_launched() -> None:
 
 def cmd_worker(args) -> int:
     from segcore.device import pick_device
-    from segcore.worker import run_worker
+    from segsearch.worker import run_worker
 
     as_launched()
     check_timeout(args.timeout)
@@ -598,7 +598,7 @@ def cmd_worker(args) -> int:
 def cmd_promote(args) -> int:
     """One finalist of the promotion stage (what `search` and `finish` start, one per worker)."""
     from segcore.device import pick_device
-    from segcore.promote import promote_one
+    from segsearch.promote import promote_one
 
     as_launched()
     name, url = _study_args(args)
@@ -609,7 +609,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from segcore.rescore import score
+    from segsearch.rescore import score
 
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {args.top_k}")
@@ -626,7 +626,7 @@ def print_scores(scores: dict) -> None:
 
 def cmd_export(args) -> int:
     from segcore.files import check_output
-    from segcore.final import export
+    from segsearch.final import export
 
     name, url = _study_args(args)
     if args.out:
@@ -826,7 +826,8 @@ def quiet_optuna(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("segcore").setLevel(logging.INFO)  # our epoch lines; not matplotlib's chatter
+    for ours in ("segcore", "segsearch"):  # our epoch and trial lines; not matplotlib's chatter
+        logging.getLogger(ours).setLevel(logging.INFO)
     quiet_optuna(verbose=args.command == "worker" or getattr(args, "verbose", False))
     # SIGTERM (a scheduler, `kill`) stops search and workers the way Ctrl-C does; SIGINT is
     # restored too, because a shell starts background jobs with it ignored

@@ -14,7 +14,7 @@
 # fit, the recipe trained on the same split, both scored on the test images by `evaluate` on
 # CUDA, and `predict` on CUDA. Everything is logged under $OUT.
 #
-# On a machine without our packages, wheels in .whl/ are installed to /tmp/site first.
+# On a machine without our dependencies, wheels in .whl/ are installed to /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-util}
@@ -25,6 +25,8 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 fi
+# the project itself (the workers' fork server imports the installed packages); no index needed
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, optuna; print('torch', torch.__version__, torch.cuda.get_device_name(0), 'optuna', optuna.__version__)"
 nproc

@@ -53,9 +53,9 @@ def warm_start_config(folder: Path, study: str) -> dict:
     """The final config of a finished study's warm-start trial: what it would hand over alone."""
     sys.path.insert(0, str(ROOT))
     from segcore.config import TrialConfig
-    from segcore.final import warm_start_number
-    from segcore.space import final_config
-    from segcore.study import open_study
+    from segsearch.final import warm_start_number
+    from segsearch.space import final_config
+    from segsearch.study import open_study
 
     found, space = open_study(study, f"sqlite:///{folder}/storage/{study}.db")
     number = warm_start_number(found)

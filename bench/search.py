@@ -43,11 +43,11 @@ def run_study(raw: dict, name: str, n_trials: int, workers: int, seed: int, resc
     """One search to its budget; returns its figures."""
     import optuna
 
-    from segcore.rescore import score
-    from segcore.space import parse_space
-    from segcore.storage import open_storage, storage_url
-    from segcore.study import create_study
-    from segcore.workers import Launcher, parse_gpus
+    from segsearch.launcher import Launcher, parse_gpus
+    from segsearch.rescore import score
+    from segsearch.space import parse_space
+    from segsearch.storage import open_storage, storage_url
+    from segsearch.study import create_study
 
     # storage/ and reports/ are relative to the working folder, as for a user
     if rescore_all:  # keep every completed trial's checkpoint, not only the running top K, so
@@ -88,8 +88,8 @@ def test_miou(config: dict, raw: dict, data: str | None, budget: str, cache: dic
     from segcore.config import TrialConfig
     from segcore.device import pick_device
     from segcore.fit import fit
-    from segcore.space import final_config, parse_space
-    from segcore.study import load_splits
+    from segsearch.space import final_config, parse_space
+    from segsearch.study import load_splits
 
     space = parse_space(raw, "bench")
     cfg = TrialConfig.from_dict(config)

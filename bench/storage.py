@@ -31,7 +31,7 @@ def storage_for(kind: str, where: str):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(where))
-    from segcore.storage import open_storage
+    from segsearch.storage import open_storage
 
     return open_storage(where)
 
@@ -48,7 +48,7 @@ def worker(kind: str, where: str, trials: int, epochs: int, out) -> None:
     study = optuna.load_study(study_name="bench", storage=storage)
     lock = None
     if kind != "journal":  # the workers' lock around the ask, as in a search
-        from segcore.storage import SlotLock
+        from segsearch.storage import SlotLock
 
         lock = SlotLock(storage, where, "bench")
     times = []

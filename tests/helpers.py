@@ -3,7 +3,7 @@ independent `optuna` command line to read a study back.
 
 Each command runs in a process of its own, forked from a server that has imported torch,
 batchgenerators, optuna, matplotlib and optuna-dashboard once per test session: the way the
-launcher starts its workers (segcore.workers), and ~3-9 s of CPU less per command than starting
+launcher starts its workers (segsearch.launcher), and ~3-9 s of CPU less per command than starting
 Python again. The process is real (its own pid, signals, exit status, session, working folder
 and environment); test_cli.py's model and the workers of test_slurm.py and the out-of-memory
 test start the interpreter from scratch, so that path is run as well.
@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from segcore.workers import PRELOAD, fork_server, run_command
+from segsearch.launcher import PRELOAD, fork_server, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTUNA = str(Path(sys.executable).with_name("optuna"))
@@ -60,13 +60,13 @@ def env(**extra):
 
 
 # and what the other commands import: the report's plots, the dashboard, the optuna CLI
-TEST_PRELOAD = [*PRELOAD, "segcore.report", "segcore.final", "segcore.rescore",
+TEST_PRELOAD = [*PRELOAD, "segsearch.report", "segsearch.final", "segsearch.rescore",
                 "matplotlib.pyplot", "optuna_dashboard", "optuna.cli"]  # fmt: skip
 _server = None
 
 
 class Process:
-    """`python SCRIPT ARGS` in a forked process (segcore.workers.run_command): the part of
+    """`python SCRIPT ARGS` in a forked process (segsearch.launcher.run_command): the part of
     subprocess.Popen the tests use, with stdout and stderr in files, read as text."""
 
     def __init__(self, script, args, cwd, environ):

@@ -197,8 +197,8 @@ def depth_9(tmp):
 
 def a_study(tmp):
     """A study `x` in storage/x.db, created from space.yaml, no trial run."""
-    from segcore.space import load_space
-    from segcore.study import create_study
+    from segsearch.space import load_space
+    from segsearch.study import create_study
 
     (tmp / "storage").mkdir()
     create_study("x", f"sqlite:///{tmp}/storage/x.db", load_space(tmp / "space.yaml"), None, None)

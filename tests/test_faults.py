@@ -32,9 +32,9 @@ from segcore.config import TrialConfig
 from segcore.data import ZSCORE
 from segcore.files import save_model, write_text
 from segcore.labels import Labels
-from segcore.space import load_space
-from segcore.study import create_study
-from segcore.trial import INTERRUPTED
+from segsearch.lifecycle import INTERRUPTED
+from segsearch.space import load_space
+from segsearch.study import create_study
 
 pytestmark = pytest.mark.slow  # real processes: `pytest -m "not slow"` skips them
 
@@ -411,7 +411,7 @@ for name in ("is_available", "device_count", "init", "_lazy_init", "current_devi
     setattr(torch.cuda, name, record(name))
 if hasattr(torch._C, "_cuda_getDeviceCount"):
     torch._C._cuda_getDeviceCount = record("_cuda_getDeviceCount")
-from segcore.workers import PRELOAD
+from segsearch.launcher import PRELOAD
 for module in PRELOAD:
     importlib.import_module(module)
 print(asked)
@@ -419,7 +419,7 @@ print(asked)
 
 
 def test_the_fork_server_asks_nothing_of_the_gpu():
-    """Workers are forked from a server that imported segcore.workers.PRELOAD. A process that has
+    """Workers are forked from a server that imported segsearch.launcher.PRELOAD. A process that has
     started CUDA cannot hand it to forked children, and each worker starts its own on the GPU it
     is given (CUDA_VISIBLE_DEVICES): so those imports may not ask torch about GPUs at all."""
     proc = subprocess.run([sys.executable, "-c", GPU_QUERIES], cwd=ROOT, env=env(),

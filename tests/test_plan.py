@@ -16,9 +16,9 @@ from segcore.config import TrialConfig
 from segcore.data import Dataset
 from segcore.fingerprint import fingerprint
 from segcore.labels import Labels
-from segcore.plan import auto_space, plan, receptive_field
-from segcore.space import parse_space
-from segcore.study import warm_start_params
+from segsearch.plan import auto_space, plan, receptive_field
+from segsearch.space import parse_space
+from segsearch.study import warm_start_params
 
 LABELS = Labels.plain(["background", "blob"], [(0, 0, 0), (255, 255, 255)])
 

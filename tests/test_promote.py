@@ -9,11 +9,12 @@ import numpy as np
 import optuna
 import pytest
 
-from segcore.checkpoints import WARM_START
 from segcore.errors import UserError
 from segcore.metrics import mean_iou
-from segcore.promote import choice_noise, finalist_numbers, margin_text
-from segcore.space import parse_space
+from segsearch.checkpoints import WARM_START
+from segsearch.final import winner
+from segsearch.promote import choice_noise, finalist_numbers, margin_text, ranked
+from segsearch.space import parse_space
 
 SPACE = {"search": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True}},
          "fixed": {"epochs": 1}, "study": {"finalists": 2}}  # fmt: skip
@@ -38,6 +39,15 @@ def test_finalists_are_the_best_on_whole_images_with_the_warm_start_always_among
     three = dataclasses.replace(space, finalists=3)
     assert finalist_numbers(study_with(scores, 0), three) == [0, 1, 3]
     assert finalist_numbers(study_with(scores, 0), dataclasses.replace(space, finalists=0)) == []
+
+
+def test_the_winner_is_the_best_on_whole_images_and_a_tie_goes_to_the_earlier_trial():
+    scores = {0: 0.80, 1: 0.90, 2: 0.85, 3: 0.90}  # 1 and 3 tie: 1 was first
+    assert ranked({str(n): {"miou": m} for n, m in scores.items()}) == ["1", "3", "2", "0"]
+    study = study_with(scores, None)
+    assert winner(study)[0].number == 1 and winner(study)[1] == {"miou": 0.90}
+    study.set_user_attr("promotion", {"3": {"miou": 0.93}, "1": {"miou": 0.91}})
+    assert winner(study)[0].number == 3  # at the final budget, the promotion decides
 
 
 def test_finalists_must_be_a_count():
@@ -102,7 +112,7 @@ def test_an_ensemble_is_of_trained_finalists(final, finalists, message):
 
 
 def test_the_promote_section_sets_the_finalists_budget_over_the_final_one():
-    from segcore.promote import promotion_config
+    from segsearch.promote import promotion_config
 
     raw = {**SPACE, "final": {"epochs": 8, "batch_size": 4}, "promote": {"epochs": 3}}
     space = parse_space(raw, "space")

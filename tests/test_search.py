@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import Dashboard, cli, states, tiny_space, trials_via_optuna_cli
 
-from segcore.artifacts import listed
+from segsearch.artifacts import listed
 
 # real processes: `pytest -m "not slow"` skips them; one xdist worker runs the module, so
 # its session fixture (a search or a trained model) is made once

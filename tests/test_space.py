@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from segcore.errors import UserError
-from segcore.space import fit_depth, load_space, parse_space, suggest
+from segsearch.space import fit_depth, load_space, parse_space, suggest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_constraint_met_by_construction():
 
 
 def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given():
-    from segcore.space import config_from
+    from segsearch.space import config_from
 
     space = parse_space({"search": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}, "s")
     assert config_from({"patch_size": 40}, space).depth == 3  # the default depth 4, fitted
@@ -182,7 +182,7 @@ def test_validation_patch_size_defaults_to_the_largest_patch():
 def test_grid_lists_the_values_a_distribution_can_take():
     """What the space's checks try: every int of a short range (by its step), the ends of a
     long one or of a float range, every choice."""
-    from segcore.distributions import grid as _grid
+    from segsearch.distributions import grid as _grid
 
     assert _grid({"type": "int", "low": 1, "high": 7, "step": 2}) == [1, 3, 5, 7]
     assert _grid({"type": "int", "low": 0, "high": 20_000, "step": 1}) == [0, 20_000]
@@ -297,7 +297,7 @@ def test_unreadable_file_names_the_reason(tmp_path):
 
 
 def test_sampler_and_pruner_args_are_checked_when_the_space_is_loaded(tmp_path):
-    from segcore.space import build_sampler
+    from segsearch.space import build_sampler
 
     with pytest.raises(UserError, match="study.pruner.args"):
         load_space(write(tmp_path, GOOD.replace("n_startup_trials: 2", "bogus: 2")))

@@ -12,8 +12,9 @@ import json
 
 import optuna
 
-from segcore.checkpoints import top_trials
-from segcore.promote import margin_text
+from segsearch.checkpoints import top_trials
+from segsearch.internals import trial_id
+from segsearch.promote import margin_text
 
 
 def _iou_table(per_class: dict[str, float | None]) -> list[str]:
@@ -119,7 +120,7 @@ def write_notes(study: optuna.Study, record: dict) -> None:
         trial = trials[int(number)]
         ranks = (by_patch.index(trial.number) + 1, by_full.index(number) + 1, len(scores))
         note = trial_note(trial, score, ranks, trial.number == record["trial"])
-        save_note(optuna.Trial(study, trial._trial_id), note)
+        save_note(optuna.Trial(study, trial_id(trial)), note)
         study.set_user_attr(f"rescored trial {number}", (
             f"validation full-image mIoU {score['miou']:.4f}, rank {ranks[1]} of {ranks[2]} "
             f"(patch mIoU rank {ranks[0]})"))  # fmt: skip

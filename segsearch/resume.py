@@ -2,9 +2,7 @@
 
 A running trial saves its state (weights, optimizer, schedule, random states, best so far,
 history) after every epoch as `resume.pt` in the artifact store, listed on its page; only the
-latest is kept. A trial that stops before its end (killed worker: failed by the heartbeat;
-Ctrl-C, SIGTERM, a cluster's preemption or time limit: failed by its worker) gets a retry, a
-WAITING copy with the same parameters and its reported values (optuna's own retry callback), and
+latest is kept. A trial that stops before its end gets a retry (segsearch.lifecycle.retry), and
 the worker that takes the retry continues from the newest state of the retried trials. States
 are deleted once no trial can resume from them.
 """
@@ -20,18 +18,10 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
-from segcore.artifacts import attach, detach, fetch, listed
+from segsearch.artifacts import attach, detach, fetch, listed
+from segsearch.internals import trial_id
 
 FILENAME = "resume.pt"
-
-
-def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a retry of a trial its worker stopped (interrupt, time limit), as the heartbeat's
-    retry does for a killed worker's (segcore.storage): same parameters, user attributes and
-    reported values. No cap on these: each stop was asked for."""
-    optuna.storages.RetryHeartbeatStaleTrialCallback(
-        max_retry=None, inherit_intermediate_values=True
-    )(study, trial)
 
 
 def lineage(trial: FrozenTrial) -> list[int]:
@@ -76,7 +66,7 @@ def find_state(
     trials = study.get_trials(deepcopy=False)
     for number in reversed(lineage(trial)):
         found = []
-        for _, artifact_id in saved.get(trials[number]._trial_id, []):
+        for _, artifact_id in saved.get(trial_id(trials[number]), []):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / FILENAME
                 try:
@@ -108,5 +98,5 @@ def drop_states(study: optuna.Study, store) -> None:
                and t.datetime_complete is not None and t.datetime_complete > recent}  # fmt: skip
     for t in trials:
         if t.number not in wanted:
-            for key, artifact_id in saved.get(t._trial_id, []):
+            for key, artifact_id in saved.get(trial_id(t), []):
                 detach(study, key, artifact_id, store)

@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segcore.artifacts import attach, detach, listed, open_store
-from segcore.checkpoints import checkpoints, kept_trials, load_checkpoint
 from segcore.data import Dataset
 from segcore.device import pick_device
 from segcore.errors import UserError
 from segcore.files import write_text
 from segcore.infer import evaluate
 from segcore.pictures import prediction_panel
-from segcore.promote import with_interval
-from segcore.study import open_study, reports_dir, study_splits
+from segsearch.artifacts import attach, detach, listed, open_store
+from segsearch.checkpoints import checkpoints, kept_trials, load_checkpoint
+from segsearch.internals import trial_id
+from segsearch.promote import with_interval
+from segsearch.study import open_study, reports_dir, study_splits
 
 PANEL_IMAGES = 3  # prediction pictures per rescored trial
 
@@ -33,7 +34,7 @@ def score(
     dev = pick_device(device)
     store = open_store(study)
     found = checkpoints(study)
-    top = [t for t in kept_trials(study, top_k or space.top_k) if t._trial_id in found]
+    top = [t for t in kept_trials(study, top_k or space.top_k) if trial_id(t) in found]
     if not top:
         raise UserError(f"--study {name!r}: no completed trial with a checkpoint to score yet")
     val_set = study_splits(study, space).val
@@ -67,8 +68,8 @@ def attach_panels(
 ) -> None:
     """Prediction panels of the first validation images (`probs`: index -> class probabilities):
     trial artifacts and reports/NAME/panels/."""
-    for trial_id, key, meta in listed(study):  # rescoring replaces the old pictures
-        if trial_id == trial._trial_id and meta.get("filename", "").startswith("prediction-"):
+    for tid, key, meta in listed(study):  # rescoring replaces the old pictures
+        if tid == trial_id(trial) and meta.get("filename", "").startswith("prediction-"):
             detach(study, key, meta["artifact_id"], store)
     panels = reports_dir(study.study_name) / "panels"
     names = ", ".join(payload["classes"])
@@ -81,4 +82,4 @@ def attach_panels(
         with tempfile.TemporaryDirectory() as tmp:
             upload = Path(tmp) / f"prediction-{name}.png"
             upload.write_bytes(path.read_bytes())
-            attach(study, trial._trial_id, upload, store, "image/png")
+            attach(study, trial_id(trial), upload, store, "image/png")

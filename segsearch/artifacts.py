@@ -12,13 +12,18 @@ keys. Reading a file back goes through optuna's public `download_artifact`.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+import statistics
+import tempfile
 import uuid
 from pathlib import Path
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+
+from segsearch.internals import study_id, study_storage
 
 PREFIX = "dashboard:artifacts:"  # optuna-dashboard lists these as the trial's artifacts
 
@@ -32,7 +37,7 @@ def folder_for(name: str, url: str, given: str | None = None) -> Path:
     the working folder (with PostgreSQL on many machines, give a shared folder). Absolute: the
     study records it, and every worker, `score`, `final`, `report` and `dashboard` use it
     wherever they are started."""
-    from segcore.storage import sqlite_path
+    from segsearch.storage import sqlite_path
 
     if given:
         return Path(given).absolute()
@@ -59,7 +64,7 @@ def open_store(study: optuna.Study) -> FileSystemArtifactStore:
 def listed(study: optuna.Study) -> list[tuple[int, str, dict]]:
     """(trial_id, attribute key, meta) of every file listed on a trial's page."""
     out = []
-    for key, value in study._storage.get_study_system_attrs(study._study_id).items():
+    for key, value in study_storage(study).get_study_system_attrs(study_id(study)).items():
         if key.startswith(PREFIX) and value not in (None, "null"):
             meta = json.loads(value)
             if meta:
@@ -76,7 +81,7 @@ def attach(study: optuna.Study, trial_id: int, path: Path, store, mimetype: str)
     meta = {"artifact_id": artifact_id, "filename": path.name, "mimetype": mimetype,
             "encoding": None}  # fmt: skip
     key = f"{PREFIX}{trial_id}:{artifact_id}"
-    study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
+    study_storage(study).set_study_system_attr(study_id(study), key, json.dumps(meta))
     return key, artifact_id
 
 
@@ -84,9 +89,28 @@ def detach(study: optuna.Study, key: str, artifact_id: str, store) -> None:
     """Delete a listed file and take it off its trial's page."""
     with contextlib.suppress(ArtifactNotFound):  # another process removed it first
         store.remove(artifact_id)
-    study._storage.set_study_system_attr(study._study_id, key, json.dumps(None))
+    study_storage(study).set_study_system_attr(study_id(study), key, json.dumps(None))
 
 
 def fetch(store, artifact_id: str, path: Path) -> None:
     """Copy an artifact to `path` (which must not exist); ArtifactNotFound if it is gone."""
     download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))
+
+
+def record_curves(trial: optuna.Trial, history: list[dict], store) -> None:
+    """The trial's per-epoch loss, learning rate, seconds and validation patch mIoU: in its user
+    attributes (the report plots them) and as curves.csv on its dashboard page (shown as a
+    table), through optuna's public upload_artifact: the trial is still RUNNING, and the file
+    is never removed."""
+    if not history:
+        return
+    trial.set_user_attr("history", history)
+    trial.set_user_attr("seconds_per_epoch", statistics.median(h["seconds"] for h in history))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curves.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "lr", "seconds", "patch_miou"])
+            writer.writeheader()
+            writer.writerows({**h, "epoch": h["epoch"] + 1} for h in history)
+        optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path),
+                                         study_or_trial=trial, mimetype="text/csv")  # fmt: skip

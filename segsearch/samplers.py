@@ -14,7 +14,7 @@ from segcore.config import TrialConfig
 from segcore.errors import UserError
 
 if TYPE_CHECKING:
-    from segcore.space import Space
+    from segsearch.space import Space
 
 SAMPLERS = {"tpe", "random", "qmc"}
 PRUNERS = {"asha", "median", "hyperband", "none"}
@@ -65,7 +65,7 @@ def build_pruner(space: Space) -> optuna.pruners.BasePruner:
     epochs = space.fixed.get("epochs", TrialConfig.epochs)
     try:
         if name == "asha":
-            return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
+            return HalvingWithRetries(**{"min_resource": 1, **args})
         if name == "median":
             return optuna.pruners.MedianPruner(**args)
         if name == "hyperband":
@@ -75,3 +75,31 @@ def build_pruner(space: Space) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner(**args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{space.source}: study.pruner.args: {e}") from None
+
+
+class HalvingWithRetries(optuna.pruners.SuccessiveHalvingPruner):
+    """ASHA that counts a retried trial's rungs once. A retry carries its original's completed
+    rungs (segsearch.lifecycle.retry), so that it goes on from the rung it had reached; optuna's
+    rung competitors are every trial holding a rung's value, which would count the stopped
+    original beside its retry, once more for each stop. Here the pruner sees the study without
+    the trials that were retried. (Hyperband's brackets read the storage directly: there a
+    retried trial's rungs still count once per stop.)"""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return super().prune(_WithoutRetried(study), trial)
+
+
+class _WithoutRetried:
+    """The study as the pruner sees it: every attribute the study's, its trials less retried ones."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        every = self._study.get_trials(deepcopy=False)
+        retried = {n for t in every for n in t.system_attrs.get("retry_history", [])}
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.number not in retried]

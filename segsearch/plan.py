@@ -153,7 +153,7 @@ def space_text(fp: dict[str, Any], device: str, where: str) -> str:
     """auto_space as a space file, headed by the figures and rules it came from."""
     c = plan(fp, device)
     head = [
-        f"Planned by `--space auto` from {where} on the {device.upper()} (segcore/plan.py):",
+        f"Planned by `--space auto` from {where} on the {device.upper()} (segsearch/plan.py):",
         f"median image {fp['size_median'][0]} x {fp['size_median'][1]}; largest objects "
         + f"{c['object_side']} px (95th percentile of the bounding-box sides).",
         f"Patch {c['patch_size']}: the median short side ({c['short_side']}) up to the "

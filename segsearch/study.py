@@ -13,16 +13,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from segcore.artifacts import FOLDER, folder_for, study_folder
-from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.data import dataset_from, load_folder
 from segcore.errors import UserError
 from segcore.labels import Labels
-from segcore.samplers import build_pruner, build_sampler
-from segcore.space import Space, parse_space
 from segcore.split import Splits, check_test_data, split_dataset
-from segcore.storage import SlotLock, open_storage
+from segsearch.artifacts import FOLDER, folder_for, study_folder
+from segsearch.checkpoints import WARM_START
+from segsearch.samplers import build_pruner, build_sampler
+from segsearch.space import Space, parse_space
+from segsearch.storage import SlotLock, open_storage
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget counts
@@ -132,7 +132,7 @@ def warm_start_params(space: Space) -> dict[str, Any]:
 def study_exists(name: str, url: str) -> bool:
     """Whether the storage at `url` holds a study of this name (an SQLite file that does not
     exist yet is not created to find out)."""
-    from segcore.storage import sqlite_path
+    from segsearch.storage import sqlite_path
 
     path = sqlite_path(url)
     if path is not None and not path.is_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.metadata
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -21,26 +22,25 @@ import socket
 import sys
 import time
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from segcore.artifacts import study_folder
 from segcore.device import usable_cpus
 from segcore.errors import UserError
-from segcore.resume import retry
-from segcore.storage import STORAGE_ENV, open_storage
-from segcore.study import budget, counts
-from segcore.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
+from segsearch import ENTRY
+from segsearch.artifacts import study_folder
+from segsearch.internals import close_forkserver_alive_fd
+from segsearch.lifecycle import PREEMPTED, retry
+from segsearch.storage import STORAGE_ENV, open_storage
+from segsearch.study import budget, counts
+from segsearch.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
-ROOT = Path(__file__).resolve().parents[1]
-ENTRY = ROOT / "train_optuna.py"
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
 # what a worker imports, also lazily: torch.optim the compiler stack, the training loop
 # batchgenerators and scipy, optuna's database storage alembic and SQLAlchemy (missing: skipped)
-PRELOAD = ["segcore.worker", "segcore.train", "torch._dynamo", "optuna.storages._rdb.models",
+PRELOAD = ["segsearch.worker", "segcore.train", "torch._dynamo", "optuna.storages._rdb.models",
            "alembic.command", "alembic.migration", "alembic.script", "sqlalchemy.orm",
            "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql", "psycopg"]  # fmt: skip
 
@@ -91,10 +91,13 @@ def die_with_launcher() -> None:
 
 def fork_server(preload: list[str] = PRELOAD) -> multiprocessing.context.BaseContext:
     """The context whose processes are forked from a server that has imported `preload`
-    (started on the first call; the tests start theirs with more). Python 3.11's fork server
-    ignores the launcher's sys.path, so it finds segcore through PYTHONPATH."""
-    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    (started on the first call; the tests start theirs with more). The server does not see the
+    launcher's sys.path: it imports segcore and segsearch as installed (`pip install -e .`)."""
+    try:
+        importlib.metadata.distribution("train-optuna")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("train_optuna is not installed in this Python: run `pip install -e .` in "
+                        "the repository (README, set-up) before starting workers") from None  # fmt: skip
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload)
     multiprocessing.forkserver.ensure_running()
@@ -111,10 +114,7 @@ def run_command(argv: list[str], env: dict[str, str], out: str, err: str | None 
     # multiprocessing hands each child the launcher's end of the pipe whose closing stops the
     # server; closed here, the server exits with the launcher, and the kernel then sends the
     # workers SIGTERM (die_with_launcher), however the launcher died
-    server = multiprocessing.forkserver._forkserver
-    if getattr(server, "_forkserver_alive_fd", None) is not None:
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
+    close_forkserver_alive_fd()
     for target, path in ((1, out), (2, err or out)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, target)
@@ -249,7 +249,7 @@ class Launcher:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") == host and t.user_attrs.get("pid") in pids:
                 self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                retry(self.study, self.study.get_trials(deepcopy=False)[t.number])
+                retry(self.study, self.study.get_trials(deepcopy=False)[t.number], PREEMPTED)
 
     def progress(self, started: float, final: bool = False) -> None:
         if self.quiet and not final:

@@ -14,27 +14,24 @@ from typing import Any
 import yaml
 
 from segcore.config import TrialConfig, coerce
-from segcore.distributions import check_dist, grid, number
 from segcore.errors import UserError
-from segcore.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
+from segsearch.distributions import check_dist, grid, number
+from segsearch.samplers import build_pruner, build_sampler
+from segsearch.space_sections import (
+    TOP_K,
+    check_constraints,
+    check_ensemble,
+    check_promote,
+    check_study,
+    check_warm_start,
+)
 
 CONFIG_FIELDS = {f.name for f in fields(TrialConfig)}
-STUDY_KEYS = {
-    "n_trials",
-    "metric",
-    "sampler",
-    "pruner",
-    "top_k",
-    "warm_start",
-    "timeout",
-    "finalists",
-}
 # One value for every trial of a study: the split and the validation patch set, so that trials
 # are compared on the same images and pixels; and what only `train` / the final fit use.
 PER_STUDY = ("seed", "val_fraction", "test_fraction", "val_patch_size", "val_patches_per_image",
              "train_on")  # fmt: skip
 SECTIONS = ("search", "fixed", "study", "final", "promote", "constraints")
-LIMITS = ("max_params", "max_gflop_per_patch", "max_infer_ms")  # segcore.costs measures them
 
 
 @dataclass(frozen=True)
@@ -49,14 +46,14 @@ class Space:
     n_trials: int = 12
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "asha"})
-    top_k: int = 3
-    # trial 0: True for the CPU recipe's values (segcore.study.warm_start_params), or a mapping
+    top_k: int = TOP_K
+    # trial 0: True for the CPU recipe's values (segsearch.study.warm_start_params), or a mapping
     # of searched fields to values (`--space auto` writes its planned centre there)
     warm_start: bool | dict[str, Any] = False
-    # the promotion stage (segcore.promote): how many rescored trials are trained at the final
+    # the promotion stage (segsearch.promote): how many rescored trials are trained at the final
     # budget before the winner is chosen; 0: the winner is chosen at the trial budget
     finalists: int = 0
-    # final.ensemble: best.pt averages the best N finalists' models (segcore.final); 1: the winner
+    # final.ensemble: best.pt averages the best N finalists' models (segsearch.final); 1: the winner
     ensemble: int = 1
     timeout: float | None = None  # seconds of trials a search runs at most (--timeout)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -135,141 +132,19 @@ def parse_space(raw: Any, source: str) -> Space:
     if both:
         raise UserError(f"{source}: field '{both[0]}' is both searched and fixed")
     dists = {name: check_dist(spec, f"{source}: search.{name}") for name, spec in search.items()}
-    study = _check_study(raw.get("study") or {}, source)
+    study = check_study(raw.get("study") or {}, source)
     fixed = {"val_patch_size": _largest_patch(dists, fixed), **fixed}
-    limits = _check_constraints(raw.get("constraints") or {}, source)
+    limits = check_constraints(raw.get("constraints") or {}, source)
     if isinstance(study.get("warm_start"), dict):
-        _check_warm_start(study["warm_start"], dists, source)
-    _check_ensemble(ensemble, study, {**fixed, **final}, promote, search, source)
-    _check_promote(promote, {**fixed, **final}, source)
+        check_warm_start(study["warm_start"], dists, source)
+    check_ensemble(ensemble, study, {**fixed, **final}, promote, search, source)
+    check_promote(promote, {**fixed, **final}, source)
     space = Space(dists, fixed, final, dict(promote), limits, raw=raw, source=source,
                   ensemble=ensemble, **study)  # fmt: skip
     _check_configs(space)
     build_sampler(space, 0)  # optuna checks their arguments now, not in a worker
     build_pruner(space)
     return space
-
-
-def _check_warm_start(values: dict, dists: dict[str, dict[str, Any]], source: str) -> None:
-    """A warm start given as values: one for every searched field, inside its distribution."""
-    for name in sorted(set(values) | set(dists)):
-        where = f"{source}: study.warm_start.{name}"
-        if name not in dists:
-            raise UserError(f"{where}: not a searched field")
-        if name not in values:
-            raise UserError(f"{where}: missing (give every searched field a value)")
-        if not _samples(dists[name], values[name]):
-            raise UserError(f"{where}: {values[name]!r} is not a value the search samples")
-
-
-def _samples(spec: dict[str, Any], value: Any) -> bool:
-    """Whether a distribution (checked spec) can sample `value`: a choice, or a number of the
-    right kind inside the range and on its step grid."""
-    if spec["type"] == "categorical":
-        return value in spec["choices"]
-    kind = int if spec["type"] == "int" else (int, float)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        return False
-    if not spec["low"] <= value <= spec["high"]:
-        return False
-    step = spec.get("step") or (1 if spec["type"] == "int" else None)
-    if step is None:
-        return True
-    return abs((value - spec["low"]) / step - round((value - spec["low"]) / step)) < 1e-9
-
-
-def _check_ensemble(
-    ensemble: int, study: dict, final: dict, promote: dict, search: dict, source: str
-) -> None:
-    """final.ensemble N averages the best N finalists' own models: they must exist (N
-    finalists among the rescored trials), be what the final fit hands over (the final config on
-    the training images) and take their input alike (normalization not searched). `final`: the
-    final fit's fields over the fixed ones."""
-    if ensemble < 1:
-        raise UserError(f"{source}: final.ensemble: 1 (the winner alone) or more finalists")
-    if ensemble == 1:
-        return
-    for key, default in (("finalists", 0), ("top_k", Space.top_k)):
-        if study.get(key, default) < ensemble:
-            raise UserError(f"{source}: final.ensemble: {ensemble} models need study.{key}: "
-                            f"{ensemble} or more (it is {study.get(key, default)})")  # fmt: skip
-    if "normalization" in search:
-        raise UserError(f"{source}: final.ensemble: its models must take the same input; do not "
-                        f"search normalization")  # fmt: skip
-    if final.get("train_on", TrialConfig.train_on) != "train":
-        raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
-                        f"trained on the training images; set final.train_on: train")  # fmt: skip
-    if promote:
-        raise UserError(f"{source}: final.ensemble: the members are the finalists' own models, "
-                        f"which must be trained at the final budget; remove 'promote'")  # fmt: skip
-
-
-def _check_promote(promote: dict, final: dict, source: str) -> None:
-    """A promote: section that shortens a budget given in seconds must say the seconds: epochs
-    alone would spread the same seconds over fewer, longer epochs."""
-    budget = {"epochs", "steps_per_epoch"} & set(promote)
-    if final.get("seconds") and budget and "seconds" not in promote:
-        raise UserError(f"{source}: promote.{min(budget)}: the final budget is in seconds "
-                        f"({final['seconds']}); set promote.seconds")  # fmt: skip
-
-
-def _check_constraints(constraints: Any, source: str) -> dict[str, float]:
-    """`constraints`: limits on what a trial's model costs, each a positive number."""
-    if not isinstance(constraints, dict):
-        raise UserError(f"{source}: 'constraints' must map limits to numbers")
-    out = {}
-    for key, value in constraints.items():
-        if key not in LIMITS:
-            raise UserError(f"{source}: constraints.{key}: use {', '.join(LIMITS)}")
-        out[key] = number(value, f"{source}: constraints.{key}", "float")
-        if out[key] <= 0:
-            raise UserError(f"{source}: constraints.{key}: must be above 0")
-    return out
-
-
-def _check_study(study: Any, source: str) -> dict[str, Any]:
-    if not isinstance(study, dict):
-        raise UserError(f"{source}: 'study' must be a mapping")
-    extra = sorted(set(study) - STUDY_KEYS)
-    if extra:
-        raise UserError(f"{source}: unknown key 'study.{extra[0]}'")
-    out: dict[str, Any] = {}
-    if "n_trials" in study:
-        out["n_trials"] = number(study["n_trials"], f"{source}: study.n_trials", "int")
-        if out["n_trials"] < 1:
-            raise UserError(f"{source}: study.n_trials: must be at least 1")
-    if "top_k" in study:
-        out["top_k"] = number(study["top_k"], f"{source}: study.top_k", "int")
-        if out["top_k"] < 1:
-            raise UserError(f"{source}: study.top_k: must be at least 1")
-    if "finalists" in study:
-        out["finalists"] = number(study["finalists"], f"{source}: study.finalists", "int")
-        if out["finalists"] < 0:
-            raise UserError(f"{source}: study.finalists: 0 (no promotion stage) or more")
-    if "timeout" in study:
-        out["timeout"] = number(study["timeout"], f"{source}: study.timeout", "float")
-        if out["timeout"] < 0:
-            raise UserError(f"{source}: study.timeout: seconds, at least 0")
-    if study.get("metric", "patch_miou") != "patch_miou":
-        raise UserError(f"{source}: study.metric: only patch_miou is supported")
-    if "warm_start" in study:
-        if not isinstance(study["warm_start"], (bool, dict)):
-            raise UserError(f"{source}: study.warm_start: true, false or a mapping of searched "
-                            f"fields to values")  # fmt: skip
-        out["warm_start"] = study["warm_start"]
-    for key, names in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
-        if key in study:
-            spec = study[key]
-            spec = {"name": spec} if isinstance(spec, str) else spec
-            if not isinstance(spec, dict) or spec.get("name") not in names:
-                raise UserError(
-                    f"{source}: study.{key}.name: must be one of {', '.join(sorted(names))}"
-                )
-            args = spec.get("args", {})
-            if not isinstance(args, dict) or set(spec) - {"name", "args"}:
-                raise UserError(f"{source}: study.{key}: only 'name' and 'args' (a mapping)")
-            out[key] = {"name": spec["name"], "args": dict(args)}
-    return out
 
 
 def fit_depth(depth: int, patch_size: int) -> int:

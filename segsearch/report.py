@@ -88,7 +88,9 @@ def _study_plots(study: optuna.Study, space, out: Path) -> list[tuple[str, str, 
     winner = (study.user_attrs.get("final") or {}).get("trial")
     scores = study.user_attrs.get("full_image_scores") or {}
     if winner is None and scores:
-        winner = int(max(scores, key=lambda n: (scores[n]["miou"], -int(n))))
+        from segsearch.promote import ranked
+
+        winner = int(ranked(scores)[0])
     plots = []
     for file, title, items, draw in (
         ("curves.png", "Training curves of every trial", curves,
@@ -114,8 +116,8 @@ def _fmt(value) -> str:
 def handed_over(study: optuna.Study) -> list[dict]:
     """The winner's validation figures (which chose it) beside the final model's test figures
     (which nothing chose from): rows of (what, images, mIoU, per-class IoU)."""
-    from segcore.final import warm_start_number, winner
-    from segcore.promote import choice_noise, margin_text
+    from segsearch.final import warm_start_number, winner
+    from segsearch.promote import choice_noise, margin_text
 
     scores = study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")
     if not scores:

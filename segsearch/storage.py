@@ -128,11 +128,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 skip_compatibility_check=url in _SCHEMA_CHECKED,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
-                # a killed worker's trial is retried (3 times at most), its reported values kept
-                # for the pruner; the retry resumes from its saved state (segcore.resume)
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=3, inherit_intermediate_values=True
-                ),
+                # a killed worker's trial is retried as a crash (segsearch.lifecycle's one
+                # policy); the retry resumes from its saved state (segsearch.resume)
+                heartbeat_stale_trial_callback=retry_crashed,
             )
             _SCHEMA_CHECKED.add(url)
             return storage
@@ -216,3 +214,11 @@ class SlotLock:
             yield self._acquire()
         finally:
             self._release()
+
+
+def retry_crashed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The heartbeat's callback for a trial whose worker went silent: retried as a crash, by
+    the one retry policy (segsearch.lifecycle, which builds on this module)."""
+    from segsearch.lifecycle import CRASHED, retry
+
+    retry(study, trial, CRASHED)

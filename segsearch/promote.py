@@ -8,7 +8,7 @@ on whole validation images at the trial budget are often smaller than the valida
 better the next time). So the best `study.finalists` rescored trials, the warm start (the
 recipe) always among them, are each trained with the final config (the space's `final:`) on the
 training images, keeping the epoch of best validation patch mIoU, and scored on whole
-validation images at that budget; the winner is the best of them there (segcore.final).
+validation images at that budget; the winner is the best of them there (segsearch.final).
 
 Each finalist is a model file, reports/NAME/finalists/trial-N.pt. A finalist stopped before its
 end (Ctrl-C, a time limit, a killed job) resumes from its per-epoch state, trial-N.state.pt; one
@@ -30,17 +30,23 @@ from pathlib import Path
 import optuna
 import torch
 
-from segcore.artifacts import study_folder
 from segcore.budget import same_request
-from segcore.checkpoints import WARM_START
 from segcore.config import TrialConfig
 from segcore.device import usable_cpus
 from segcore.errors import UserError
 from segcore.files import write_text
 from segcore.fit import fit
 from segcore.metrics import bootstrap_miou
-from segcore.space import Space, final_config
-from segcore.study import open_study, reports_dir, study_splits
+from segsearch.artifacts import study_folder
+from segsearch.checkpoints import WARM_START
+from segsearch.space import Space, final_config
+from segsearch.study import open_study, reports_dir, study_splits
+
+
+def ranked(scores: dict[str, dict]) -> list[str]:
+    """Trial numbers (the scores' keys) by validation full-image mIoU, best first; ties: the
+    earlier trial. The one rule for the winner, the finalists, the ensemble and the report."""
+    return sorted(scores, key=lambda n: (-scores[n]["miou"], int(n)))
 
 
 def finalist_numbers(study: optuna.Study, space: Space) -> list[int]:
@@ -49,9 +55,9 @@ def finalist_numbers(study: optuna.Study, space: Space) -> list[int]:
     if space.finalists == 0:
         return []
     scores = study.user_attrs.get("full_image_scores") or {}
-    ranked = sorted(scores, key=lambda n: (-scores[n]["miou"], int(n)))
-    warm = [n for n in ranked if study.trials[int(n)].user_attrs.get(WARM_START)]
-    others = [n for n in ranked if n not in warm][: max(0, space.finalists - len(warm))]
+    order = ranked(scores)
+    warm = [n for n in order if study.trials[int(n)].user_attrs.get(WARM_START)]
+    others = [n for n in order if n not in warm][: max(0, space.finalists - len(warm))]
     return sorted(int(n) for n in others + warm)
 
 
@@ -146,8 +152,9 @@ def run_finalists(
     run: forked from the fork server, pinned to a GPU, logs in the study's folder
     (storage/NAME/promote-N.log by default).
     Ctrl-C stops them all (each resumes from its last epoch next time)."""
-    from segcore.storage import STORAGE_ENV
-    from segcore.workers import ENTRY, PARENT_ENV, fork_server, run_command, worker_env
+    from segsearch import ENTRY
+    from segsearch.launcher import PARENT_ENV, fork_server, run_command, worker_env
+    from segsearch.storage import STORAGE_ENV
 
     if parallel <= 1 and not gpus:  # one at a time: here, no process to start
         from segcore.device import pick_device
@@ -220,8 +227,7 @@ def choice_noise(scores: dict[str, dict], winner: int, warm: int | None) -> dict
     if any("confusion" not in s for s in scores.values()):  # scored before intervals existed
         return {}
     out: dict = {"interval": list(bootstrap_miou(best["confusion"]))}
-    ranked = sorted(scores, key=lambda n: (-scores[n]["miou"], int(n)))
-    others = {"runner_up": next((int(n) for n in ranked if int(n) != winner), None),
+    others = {"runner_up": next((int(n) for n in ranked(scores) if int(n) != winner), None),
               "warm_start": warm if warm != winner else None}  # fmt: skip
     for key, number in others.items():
         if number is None or str(number) not in scores:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 from segcore.errors import UserError
 from segcore.files import write_text
-from segcore.storage import STORAGE_ENV
-
-ENTRY = Path(__file__).resolve().parents[1] / "train_optuna.py"
+from segsearch import ENTRY
+from segsearch.storage import STORAGE_ENV
 
 
 def folder(name: str) -> Path:

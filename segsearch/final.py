@@ -1,7 +1,7 @@
 """What a search hands over: the winner, its best-config JSON, and the final fit (best.pt).
 
 The winner is the finalist with the best full-image mIoU on the validation images at the final
-budget (segcore.promote), or, without a promotion stage, the rescored trial with the best one at
+budget (segsearch.promote), or, without a promotion stage, the rescored trial with the best one at
 the trial budget. The final fit trains its config with the space's `final:` overrides (or, when
 those train on the training images only, keeps the finalist's model, which is exactly that) and
 scores it once on the test images, which nothing in the search has read.
@@ -18,17 +18,18 @@ from typing import Any
 import optuna
 import torch
 
-from segcore.artifacts import fetch, open_store
-from segcore.checkpoints import WARM_START, checkpoints
 from segcore.config import TrialConfig
 from segcore.errors import UserError
 from segcore.files import atomic_write, load_model, save_model, write_text
 from segcore.fit import fit
 from segcore.infer import Ensemble, evaluate
-from segcore.notes import write_notes
-from segcore.promote import choice_noise, finalist_path
-from segcore.space import Space, final_config
-from segcore.study import open_study, reports_dir, study_splits
+from segsearch.artifacts import fetch, open_store
+from segsearch.checkpoints import WARM_START, checkpoints
+from segsearch.internals import trial_id
+from segsearch.notes import write_notes
+from segsearch.promote import choice_noise, finalist_path, ranked
+from segsearch.space import Space, final_config
+from segsearch.study import open_study, reports_dir, study_splits
 
 
 def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
@@ -38,8 +39,8 @@ def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
     if not scores:
         name = study.study_name
         raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
-    number, best = max(scores.items(), key=lambda kv: (kv[1]["miou"], -int(kv[0])))
-    return study.trials[int(number)], best
+    number = ranked(scores)[0]
+    return study.trials[int(number)], scores[number]
 
 
 def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def export(name: str, url: str, out: str | Path | None = None, model: str | Path
     study, space = open_study(name, url)
     record = best_record(study, space)
     if model is not None:
-        found = checkpoints(study).get(study.trials[record["trial"]]._trial_id)
+        found = checkpoints(study).get(trial_id(study.trials[record["trial"]]))
         if found is None:
             raise UserError(f"--model: trial {record['trial']}'s checkpoint is no longer kept")
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +157,7 @@ def ensemble_finalists(
     if len(scores) < n:
         raise UserError(f"--study {name}: final.ensemble {n} needs {n} promoted finalists; "
                         f"run `promote --study {name}`")  # fmt: skip
-    numbers = sorted(scores, key=lambda k: (-scores[k]["miou"], int(k)))[:n]
+    numbers = ranked(scores)[:n]
     loaded = [load_model(finalist_path(name, int(k)), device) for k in numbers]
     test_set = splits.test.normalized(loaded[0][1]["normalization"])
     single = evaluate(loaded[0][0], test_set, loaded[0][1]["config"], progress=progress)

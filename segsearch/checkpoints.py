@@ -11,14 +11,15 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 
-from segcore.artifacts import attach, detach, fetch, listed, store_dir
 from segcore.config import TrialConfig
 from segcore.data import Dataset, Normalization
 from segcore.errors import UserError
 from segcore.files import load_model, save_model
+from segsearch.artifacts import attach, detach, fetch, listed, store_dir
+from segsearch.internals import trial_id
 
 FILENAME = "checkpoint.pt"
-WARM_START = "warm_start"  # user attribute of the enqueued recipe trial (segcore.study)
+WARM_START = "warm_start"  # user attribute of the enqueued recipe trial (segsearch.study)
 
 
 def checkpoints(study: optuna.Study) -> dict[int, tuple[str, str]]:
@@ -69,7 +70,7 @@ def store_checkpoint(
 
 def load_checkpoint(study: optuna.Study, trial: FrozenTrial, store, device: torch.device):
     """(model in eval mode on `device`, model-file payload) of a trial's checkpoint."""
-    found = checkpoints(study).get(trial._trial_id)
+    found = checkpoints(study).get(trial_id(trial))
     name = study.study_name
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / FILENAME
@@ -93,8 +94,8 @@ def drop_checkpoints(study: optuna.Study, top_k: int, store) -> None:
     two reads of the trials could miss one turning from RUNNING to COMPLETE between them."""
     found = checkpoints(study)
     trials = study.get_trials(deepcopy=False)
-    keep = {t._trial_id for t in kept_trials(study, top_k, trials)}
-    keep |= {t._trial_id for t in trials if t.state == TrialState.RUNNING}
-    for trial_id, (key, artifact_id) in found.items():
-        if trial_id not in keep:
+    keep = {trial_id(t) for t in kept_trials(study, top_k, trials)}
+    keep |= {trial_id(t) for t in trials if t.state == TrialState.RUNNING}
+    for tid, (key, artifact_id) in found.items():
+        if tid not in keep:
             detach(study, key, artifact_id, store)
