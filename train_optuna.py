@@ -15,8 +15,19 @@ import traceback
 from pathlib import Path
 
 from segcore.errors import UserError
-
-EVAL_DATA_SEED = 1  # evaluate's default: other images from the same generator
+from segsearch.search import (
+    AUTO,
+    check_timeout,
+    fingerprint_of,
+    hand_over,
+    prepare_study,
+    print_final,
+    print_scores,
+    search_device,
+    study_args,
+    where_text,
+    worker_slots,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,9 +35,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message}\n")
-
-
-MAX_WORKERS = 64  # per machine: each worker holds torch and a data set in memory
 
 
 def seed_value(text: str) -> int:
@@ -115,55 +123,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _model_and_data(args, folder: str | None, part: str | None = None):
-    """(model, model-file payload, images normalised as the model was trained): `folder`, its
-    masks decoded with the model's classes; with `part` (train, validation, test) only the
-    images of that part of the model's split, from the model's own data when no folder."""
-    from segcore.data import dataset_from, load_images
-    from segcore.device import pick_device
-    from segcore.files import load_model
-
-    model, meta = load_model(args.model, pick_device(args.device))
-    extra, labels = meta["extra"], meta["labels"]
-    if part is not None:
-        names = (extra.get("split") or {}).get(part)
-        if names is None:
-            raise UserError(f"--split {part}: {args.model} records no split (an older model file)")
-        if folder is None:
-            folder = (extra.get("test_data") if part == "test" else None) or extra.get("data")
-            where = folder or "synthetic data (seed 0)"
-            print(f"note: no --data given; using the model's {part} images from {where}",
-                  file=sys.stderr)  # fmt: skip
-        dataset = dataset_from(folder, labels)
-        keep = set(names)
-        idx = [i for i, n in enumerate(dataset.names) if n in keep]
-        if len(idx) != len(keep):
-            raise UserError(f"--split {part}: {len(keep) - len(idx)} of {args.model}'s {part} "
-                            f"images are not in {folder or 'the synthetic data'}")  # fmt: skip
-        dataset = dataset.subset(idx)
-    elif folder is None:
-        from segcore.synthetic import synthetic_dataset
-
-        print(f"note: no --data given; using 20 synthetic images (seed {EVAL_DATA_SEED})",
-              file=sys.stderr)  # fmt: skip
-        dataset = synthetic_dataset(20, EVAL_DATA_SEED)
-    else:
-        dataset = load_images(folder, labels)
-    if dataset.channels != meta["in_channels"]:
-        raise UserError(
-            f"{folder}: images have {dataset.channels} channel(s), the model "
-            f"{args.model} expects {meta['in_channels']}"
-        )
-    if dataset.masks is not None and dataset.classes != meta["classes"]:  # synthetic data
-        raise UserError(f"{folder or 'synthetic data'}: classes {dataset.classes} are not the "
-                        f"model's {meta['classes']}; give --data")  # fmt: skip
-    return model, meta, dataset.normalized(meta["normalization"])
-
-
 def cmd_evaluate(args) -> int:
+    from segcore.files import model_and_images
     from segcore.infer import evaluate
 
-    model, meta, dataset = _model_and_data(args, args.data, args.split)
+    model, meta, dataset = model_and_images(args.model, args.device, args.data, args.split)
     if dataset.masks is None:
         raise UserError(f"{args.data}: evaluate needs masks (DIR/images and DIR/masks)")
     scores = evaluate(model, dataset, meta["config"], progress=not (args.quiet or args.json))
@@ -178,13 +142,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from segcore.files import check_output
+    from segcore.files import check_output, model_and_images
     from segcore.infer import stitched
     from segcore.pictures import prediction_panel, write_prediction
     from segcore.progress import progress
 
     check_output(args.out, "--out", folder=True)
-    model, meta, dataset = _model_and_data(args, args.images)
+    model, meta, dataset = model_and_images(args.model, args.device, args.images)
     cfg, palette, classes = meta["config"], meta["palette"], meta["classes"]
     out = Path(args.out)
     n = len(dataset.images)
@@ -201,44 +165,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _study_args(args, create: bool = False) -> tuple[str, str]:
-    """(study name, storage URL); only `search` may create the default SQLite file, and it first
-    checks that storage/ (logs, checkpoints), reports/ and a SQLite file's folder can be written."""
-    from segcore.files import check_writable
-    from segsearch.storage import default_url, sqlite_path, storage_url
-    from segsearch.study import check_name
-
-    name = check_name(args.study)
-    url = storage_url(name, args.storage)
-    path = sqlite_path(url)
-    if create:
-        check_writable("storage", "storage folder")
-        check_writable("reports", "reports folder")
-        if path is not None:
-            check_writable(path.parent, "--storage")
-        if url == default_url(name):
-            Path("storage").mkdir(exist_ok=True)  # the default SQLite file's folder
-    elif path is not None and not path.is_file():
-        # only `search` creates a study; opening a missing file would create an empty one
-        if url == default_url(name):
-            raise UserError(f"--study {name!r}: storage/{name}.db not found (run search first)")
-        raise UserError(f"--storage {url}: file not found")
-    elif path is not None and path.stat().st_size == 0:
-        raise UserError(f"--storage {url}: an empty file, no study in it")
-    return name, url
-
-
 def cmd_check(args) -> int:
     from segsearch.space import largest_patch, load_space
 
     if args.space is None and args.data is None:
         raise UserError("check: give --space FILE, --data DIR or both")
     if args.space == AUTO:  # print the space `search --space auto` would plan here
-        from segsearch.launcher import parse_gpus
+        from segsearch.launcher import device_kind, parse_gpus
         from segsearch.plan import space_text
 
-        kind = "cuda" if parse_gpus(args.gpus) else "cpu"
-        print(space_text(_fingerprint_of(args.data), kind, args.data or "synthetic data"), end="")
+        kind = device_kind(parse_gpus(args.gpus))
+        print(space_text(fingerprint_of(args.data), kind, args.data or "synthetic data"), end="")
         return 0
     space = None
     if args.space is not None:
@@ -252,88 +189,6 @@ def cmd_check(args) -> int:
         fp = fingerprint(load_folder(args.data), space and largest_patch(space))
         print(describe(fp, args.data))
     return 0
-
-
-def prepare_study(args, workers: str, on_gpus: bool = False):
-    """What search and slurm do before any worker: check every option and file, create or
-    resume the study; returns (name, url, space). `workers` is said in the first line;
-    `on_gpus`: the trials train on GPUs (what `--space auto` plans for)."""
-    import shutil
-
-    from segcore.device import pick_device
-    from segsearch.space import load_space
-    from segsearch.storage import check_url, default_url, mask_url, storage_url
-    from segsearch.study import cache_dir, check_name, create_study, folder_of, load_splits
-
-    if args.n_trials is not None and args.n_trials < 1:
-        raise UserError(f"--n-trials: must be at least 1, got {args.n_trials}")
-    check_timeout(args.timeout)
-    pick_device(args.device)  # a bad --device is an error now, not after the trials
-    url = storage_url(check_name(args.study), args.storage)
-    if url != default_url(args.study):  # the default's folder is made below, after the checks
-        check_url(url)  # before the data, which takes a while to read
-    path, planned = planned_space(args, on_gpus, url) if args.space == AUTO else (args.space, None)
-    made = None
-    try:  # every file read and decoded once into the cache the workers map, before any worker
-        space = load_space(path)
-        data = str(Path(args.data).resolve()) if args.data else None
-        test_data = str(Path(args.test_data).resolve()) if args.test_data else None
-        folder = folder_of(args.study, url, getattr(args, "artifacts", None))
-        cache = cache_dir(folder)
-        made = next((p for p in reversed(cache.parents) if not p.exists()), None)
-        made = made or (None if cache.exists() else cache)
-        name, url = _study_args(args, create=True)
-        splits = load_splits(data, test_data, space, cache=cache)
-        study, _ = create_study(name, url, space, data, args.n_trials, test_data, splits, folder)
-    except BaseException as e:  # nothing half-written: the folders and the planned space go
-        if made is not None and isinstance(e, UserError):
-            shutil.rmtree(made, ignore_errors=True)
-        if planned is not None:
-            planned.unlink(missing_ok=True)
-        raise
-    if "fingerprint" not in study.user_attrs:
-        from segcore.fingerprint import fingerprint
-        from segsearch.notes import data_note
-        from segsearch.space import largest_patch
-
-        fp = fingerprint(splits.train.join(splits.val).join(splits.test), largest_patch(space))
-        study.set_user_attr("fingerprint", fp)
-        data_note(study)
-        for line in fp["warnings"]:
-            print(f"warning: {line}", file=sys.stderr)
-    print(f"study {name} on {mask_url(url)}: {workers}; logs and files in {folder}; images: "
-          f"{len(splits.train.names)} train, {len(splits.val.names)} validation (chooses), "
-          f"{len(splits.test.names)} test (read only by the final fit)", file=sys.stderr)  # fmt: skip
-    return name, url, space
-
-
-AUTO = "auto"  # --space auto: a space planned from the data and the machine (segsearch.plan)
-
-
-def _fingerprint_of(data: str | None) -> dict:
-    from segcore.data import dataset_from
-    from segcore.fingerprint import fingerprint
-
-    return fingerprint(dataset_from(data))
-
-
-def planned_space(args, on_gpus: bool, url: str) -> tuple[Path, Path | None]:
-    """(reports/NAME/space.yaml, the same path if planned now from --data on this machine, else
-    None): a study's space is planned when the study is created, and later runs read the file
-    as it is, edited or not (a file left without its study is planned again)."""
-    from segcore.files import check_output, write_text
-    from segsearch.plan import space_text
-    from segsearch.study import check_name, reports_dir, study_exists
-
-    path = reports_dir(check_name(args.study)) / "space.yaml"
-    if path.is_file() and study_exists(args.study, url):
-        return path, None  # the study's own, as planned (or edited) then
-    where = args.data or "synthetic data"
-    text = space_text(_fingerprint_of(args.data), "cuda" if on_gpus else "cpu", where)
-    check_output(path, "--space auto")
-    write_text(path, text)
-    print(f"--space auto: planned {path} from {where}", file=sys.stderr)
-    return path, path
 
 
 def cmd_search(args) -> int:
@@ -350,59 +205,13 @@ def cmd_search(args) -> int:
     return cmd_finish(args)
 
 
-def worker_slots(args) -> tuple[int, list[int]]:
-    """(processes, GPUs) of --workers, --gpus and --workers-per-gpu: what the search's workers
-    use, and the promotion stage's finalists after them."""
-    from segcore.device import pick_device
-    from segsearch.launcher import parse_gpus
-
-    if args.workers is not None and not 1 <= args.workers <= MAX_WORKERS:
-        raise UserError(
-            f"--workers: from 1 to {MAX_WORKERS} on one machine (more machines: `worker` on "
-            f"each, or `slurm`), got {args.workers}"
-        )
-    if args.workers_per_gpu < 1:
-        raise UserError(f"--workers-per-gpu: must be at least 1, got {args.workers_per_gpu}")
-    gpus = parse_gpus(args.gpus)
-    device = args.device or "auto"
-    if device == "cpu":  # the CPU forced: no GPU, whatever is visible
-        if args.gpus not in ("auto", "none"):
-            raise UserError(f"--device cpu: conflicts with --gpus {args.gpus}; give one of them")
-        gpus = []
-    elif device.startswith("cuda"):
-        pick_device(device)  # the GPU must exist
-        if not gpus:
-            raise UserError(f"--device {device}: conflicts with --gpus {args.gpus}")
-        if ":" in device and args.gpus == "auto":  # that GPU only
-            gpus = [int(device.split(":")[1])]
-    return args.workers or (len(gpus) * args.workers_per_gpu if gpus else 2), gpus
-
-
-def search_device(gpus: list[int]) -> str:
-    """Where rescoring and the final fit run: the first of the search's GPUs, or the CPU when
-    the search trained there (never silently another device)."""
-    return f"cuda:{gpus[0]}" if gpus else "cpu"
-
-
-def where_text(gpus: list[int], n_workers: int) -> str:
-    """The device, precision and threads a search's workers run with, for its first line."""
-    import torch
-
-    from segcore.device import precision_for, usable_cpus
-
-    device = torch.device(search_device(gpus))
-    what = f"GPU {','.join(map(str, gpus))}" if gpus else "the CPU"
-    threads = max(1, usable_cpus() // n_workers)
-    return f"on {what} in {precision_for(device)}, {threads} thread(s) each"
-
-
 def cmd_finish(args) -> int:
     """Rescoring, the promotion stage and the final fit (unless --no-final), export, the report,
     the last lines."""
     from segsearch.final import export
     from segsearch.rescore import score
 
-    name, url = _study_args(args)
+    name, url = study_args(args)
     workers = worker_slots(args)
     device = search_device(workers[1])
     print_scores(score(name, url, progress=not args.quiet, device=device))
@@ -414,33 +223,6 @@ def cmd_finish(args) -> int:
     cmd_report(args)
     print_final(name, url)
     return 0
-
-
-def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None:
-    """The promotion stage (when the space has finalists), then the final fit of the winner."""
-    from segcore.device import pick_device
-    from segsearch.final import export, final_fit
-    from segsearch.promote import budget_text, promote
-    from segsearch.study import open_study
-
-    space = open_study(name, url)[1]
-    if space.finalists:
-        scores = promote(name, url, workers=workers[0], gpus=workers[1],
-                         device="cuda" if workers[1] else "cpu", quiet=args.quiet)  # fmt: skip
-        for number, s in scores.items():
-            print(f"finalist trial {number}: validation full-image mIoU {s['miou']:.4f} (95 % "
-                  f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at "
-                  f"{budget_text(space)}, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
-    best = json.loads(export(name, url).read_text())
-    cfg = best["config"]
-    steps = (
-        f"in about {cfg['seconds']:g} s" if cfg["seconds"] else f"of {cfg['steps_per_epoch']} steps"
-    )
-    what = (f"the ensemble of the best {space.ensemble} finalists (no training)" if
-            space.ensemble > 1 else f"final fit of trial {best['trial']} ({cfg['epochs']} epochs "
-            f"{steps}, on {cfg['train_on']})")  # fmt: skip
-    print(what, file=sys.stderr)
-    final_fit(name, url, device=pick_device(search_device(workers[1])), progress=not args.quiet)
 
 
 def cmd_slurm(args) -> int:
@@ -480,31 +262,8 @@ def cmd_slurm(args) -> int:
     return 0
 
 
-def check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:
-        raise UserError(f"--timeout: seconds, at least 0, got {timeout}")
-
-
-def print_final(name: str, url: str) -> None:
-    """The last lines of a search or `final`: the model handed over, its honest figure."""
-    from segsearch.final import best_record
-    from segsearch.study import open_study, reports_dir
-
-    study, space = open_study(name, url)
-    best = best_record(study, space)
-    v = best["validation"]["full_image_miou"]
-    if best["test"] is None:
-        print(f"best config: {reports_dir(name)}/best.json (trial {best['trial']}, validation "
-              f"full-image mIoU {v:.4f}); no final fit: run `final --study {name}`")  # fmt: skip
-        return
-    t = best["test"]
-    print(f"best model: {best['model']}: test mIoU {t['miou']:.4f} on {t['images']} test images "
-          f"(validation full-image mIoU {v:.4f}, which chose it); config "
-          f"{reports_dir(name)}/best.json")  # fmt: skip
-
-
 def cmd_final(args) -> int:
-    name, url = _study_args(args)
+    name, url = study_args(args)
     hand_over(args, name, url, worker_slots(args))
     print_final(name, url)
     return 0
@@ -514,7 +273,7 @@ def cmd_report(args) -> int:
     from segsearch.report import write_report
     from segsearch.study import open_study, reports_dir
 
-    name, url = _study_args(args)
+    name, url = study_args(args)
     study, space = open_study(name, url)
     index = write_report(study, space, reports_dir(name), progress=not args.quiet)
     print(f"wrote {index}")
@@ -534,7 +293,7 @@ def cmd_dashboard(args) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
-    name, url = _study_args(args)
+    name, url = study_args(args)
     storage = open_storage(url)
     study, _ = load_study(name, storage, seed=None)  # a clear error for a study not there
     try:  # say clearly when the port is taken, before the server thread would die of it
@@ -590,7 +349,7 @@ def cmd_worker(args) -> int:
 
     as_launched()
     check_timeout(args.timeout)
-    name, url = _study_args(args)
+    name, url = study_args(args)
     pick_device(args.device)
     return run_worker(name, url, args.seed, args.device, args.timeout)
 
@@ -601,7 +360,7 @@ def cmd_promote(args) -> int:
     from segsearch.promote import promote_one
 
     as_launched()
-    name, url = _study_args(args)
+    name, url = study_args(args)
     done = promote_one(name, url, args.trial, pick_device(args.device), progress=not args.quiet)
     print(f"finalist trial {args.trial}: validation full-image mIoU "
           f"{done['validation']['miou']:.4f}")  # fmt: skip
@@ -613,22 +372,16 @@ def cmd_score(args) -> int:
 
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k: must be at least 1, got {args.top_k}")
-    name, url = _study_args(args)
+    name, url = study_args(args)
     print_scores(score(name, url, args.top_k, progress=not args.quiet, device=args.device))
     return 0
-
-
-def print_scores(scores: dict) -> None:
-    for number, s in scores.items():
-        print(f"trial {number}: validation patch mIoU {s['patch_miou']:.4f}, validation "
-              f"full-image mIoU {s['miou']:.4f}")  # fmt: skip
 
 
 def cmd_export(args) -> int:
     from segcore.files import check_output
     from segsearch.final import export
 
-    name, url = _study_args(args)
+    name, url = study_args(args)
     if args.out:
         check_output(args.out, "--out")
     if args.model:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -147,3 +148,51 @@ def load_model(path: str | Path, device: torch.device):
         raise UserError(f"{path}: damaged model file ({type(e).__name__}: {reason})") from None
     model = model.to(device, memory_format=memory_format_for(device))
     return model.eval(), payload
+
+
+EVAL_DATA_SEED = 1  # evaluate's default without --data: other images from the same generator
+
+
+def model_and_images(model_file: str, device: str | None, folder: str | None,
+                     part: str | None = None):  # fmt: skip
+    """(model, model-file payload, images normalised as the model was trained): `folder`, its
+    masks decoded with the model's classes; with `part` (train, validation, test) only the
+    images of that part of the model's split, from the model's own data when no folder."""
+    from segcore.data import dataset_from, load_images
+    from segcore.device import pick_device
+
+    model, meta = load_model(model_file, pick_device(device))
+    extra, labels = meta["extra"], meta["labels"]
+    if part is not None:
+        names = (extra.get("split") or {}).get(part)
+        if names is None:
+            raise UserError(f"--split {part}: {model_file} records no split (an older model file)")
+        if folder is None:
+            folder = (extra.get("test_data") if part == "test" else None) or extra.get("data")
+            where = folder or "synthetic data (seed 0)"
+            print(f"note: no --data given; using the model's {part} images from {where}",
+                  file=sys.stderr)  # fmt: skip
+        dataset = dataset_from(folder, labels)
+        keep = set(names)
+        idx = [i for i, n in enumerate(dataset.names) if n in keep]
+        if len(idx) != len(keep):
+            raise UserError(f"--split {part}: {len(keep) - len(idx)} of {model_file}'s {part} "
+                            f"images are not in {folder or 'the synthetic data'}")  # fmt: skip
+        dataset = dataset.subset(idx)
+    elif folder is None:
+        from segcore.synthetic import synthetic_dataset
+
+        print(f"note: no --data given; using 20 synthetic images (seed {EVAL_DATA_SEED})",
+              file=sys.stderr)  # fmt: skip
+        dataset = synthetic_dataset(20, EVAL_DATA_SEED)
+    else:
+        dataset = load_images(folder, labels)
+    if dataset.channels != meta["in_channels"]:
+        raise UserError(
+            f"{folder}: images have {dataset.channels} channel(s), the model "
+            f"{model_file} expects {meta['in_channels']}"
+        )
+    if dataset.masks is not None and dataset.classes != meta["classes"]:  # synthetic data
+        raise UserError(f"{folder or 'synthetic data'}: classes {dataset.classes} are not the "
+                        f"model's {meta['classes']}; give --data")  # fmt: skip
+    return model, meta, dataset.normalized(meta["normalization"])

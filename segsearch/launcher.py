@@ -45,6 +45,11 @@ PRELOAD = ["segsearch.worker", "segcore.train", "torch._dynamo", "optuna.storage
            "sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql", "psycopg"]  # fmt: skip
 
 
+def device_kind(gpus: list[int]) -> str:
+    """The device workers run on: "cuda" (each pinned to its GPU) with GPUs, else "cpu"."""
+    return "cuda" if gpus else "cpu"
+
+
 def parse_gpus(spec: str) -> list[int]:
     """'none' -> [], 'auto' or 'all' -> every visible GPU (none on a machine without one),
     '0,2' -> those (each must exist)."""
@@ -156,7 +161,7 @@ class Launcher:
     def start(self, i: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         argv = [str(ENTRY), "worker", "--study", self.name, "--seed", str(self.worker_seed(i)),
-                "--device", "cuda" if self.gpus else "cpu"]  # fmt: skip
+                "--device", device_kind(self.gpus)]  # fmt: skip
         env = worker_env(i, self.gpus, self.threads)
         if self.deadline is not None:  # the search's own, not counted from the worker's start
             env[DEADLINE_ENV] = repr(self.deadline)

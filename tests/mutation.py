@@ -1,8 +1,10 @@
 """Mutation testing of the core modules against the fast unit layer: the score per module.
 
 mutmut (3.x, requirements-dev.txt; configured in pyproject.toml's [tool.mutmut]) changes one
-small thing at a time in segcore's metrics, stitched inference, patches, augmentation table,
-space validation, checkpoint keeping and data split, and runs the tests of `pytest -m "not
+small thing at a time in the modules pyproject.toml names (segcore's metrics, stitched
+inference, patches, augmentation table, data split and training loop; segsearch's space
+validation, checkpoint keeping, worker loop, trial lifecycle, resume, storage and launcher), and
+runs the tests of `pytest -m "not
 slow"` that reach the changed function. A mutant the tests fail on (or time out on) is killed;
 one they pass survives. Mutants that change no behaviour are listed, with why, in
 tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes a while).
@@ -48,9 +50,10 @@ def equivalent() -> dict[str, str]:
 def results() -> dict[str, dict[str, int | None]]:
     """module file -> {mutant name: exit code}, from mutmut's result files."""
     out = {}
-    for meta in sorted((ROOT / "mutants" / "segcore").glob("*.py.meta")):
-        data = json.loads(meta.read_text())
-        out[meta.name.removesuffix(".meta")] = data.get("exit_code_by_key", {})
+    for package in ("segcore", "segsearch"):
+        for meta in sorted((ROOT / "mutants" / package).glob("*.py.meta")):
+            data = json.loads(meta.read_text())
+            out[f"{package}/{meta.name.removesuffix('.meta')}"] = data.get("exit_code_by_key", {})
     return out
 
 
