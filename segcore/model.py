@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("unet", "unet3plus")
+from segcore.config import ARCHS
+
 MAX_DEPTH = 6
 
 

@@ -34,7 +34,7 @@ from segsearch.artifacts import study_folder
 from segsearch.internals import close_forkserver_alive_fd
 from segsearch.lifecycle import PREEMPTED, retry
 from segsearch.storage import STORAGE_ENV, open_storage
-from segsearch.study import budget, counts
+from segsearch.study import budget, budget_met, counts, finished
 from segsearch.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
@@ -198,7 +198,7 @@ class Launcher:
             raise
         self.progress(started, final=True)
         c = counts(self.study)
-        if c["complete"] + c["pruned"] < budget(self.study) and self.gave_up:
+        if not budget_met(self.study, c) and self.gave_up:
             failed = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             reason = failed[-1].user_attrs.get("fail_reason", "no reason recorded")
             raise UserError(
@@ -206,12 +206,12 @@ class Launcher:
                 f"worker (last: {reason}); check the data and the space"
             )
         if self.deadline is not None and time.time() >= self.deadline:
-            if c["complete"] + c["pruned"] < budget(self.study):
-                print(f"time limit reached: {c['complete'] + c['pruned']} of "
+            if not budget_met(self.study, c):
+                print(f"time limit reached: {finished(self.study, c)} of "
                       f"{budget(self.study)} trials; stopped ones resume when the search is run "
                       f"again", file=sys.stderr)  # fmt: skip
             return 0
-        if c["complete"] + c["pruned"] < budget(self.study):
+        if not budget_met(self.study, c):
             raise UserError(
                 f"--study {self.name}: every worker stopped before the budget was met; "
                 f"see {self.log_dir}/worker-*.log"
@@ -230,8 +230,7 @@ class Launcher:
                 continue
             log = self.log_dir / f"worker-{i}.log"
             print(f"\nworker {i} exited with status {p.exitcode} (see {log})", file=sys.stderr)
-            c = counts(self.study)
-            if c["complete"] + c["pruned"] < budget(self.study) and self.restarts[i] < MAX_RESTARTS:
+            if not budget_met(self.study) and self.restarts[i] < MAX_RESTARTS:
                 self.restarts[i] += 1
                 print(f"restarting worker {i}", file=sys.stderr)
                 self.start(i)
@@ -265,7 +264,7 @@ class Launcher:
         except ValueError:
             best = "-"
         line = (
-            f"trials {c['complete'] + c['pruned']}/{budget(self.study)}: {c['complete']} complete, "
+            f"trials {finished(self.study, c)}/{budget(self.study)}: {c['complete']} complete, "
             f"{c['pruned']} pruned, {c['fail']} failed, {c['running']} running; best validation "
             f"patch mIoU "
             f"{best}; {time.monotonic() - started:.0f} s"

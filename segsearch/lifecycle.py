@@ -48,7 +48,7 @@ from segsearch.interrupts import Interrupts
 from segsearch.resume import Saver, drop_states, find_state, lineage
 from segsearch.space import Space, suggest
 from segsearch.storage import SlotLock
-from segsearch.study import budget, counts
+from segsearch.study import budget, budget_met, counts, finished
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,11 @@ def take_slot(study: optuna.Study, lock: SlotLock, deadline: float | None = None
     with lock.held() as held:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial: FAIL, and retried
         c = counts(study)
-        done = c["complete"] + c["pruned"]
-        if done >= budget(study):
+        if budget_met(study, c):
             return DONE
         if deadline is not None and time.time() >= deadline:
             return LATE
-        if done + c["running"] >= budget(study):
+        if finished(study, c) + c["running"] >= budget(study):
             return WAIT
         trial = study.ask()
     if not held:  # without the lock another worker may have taken the last slot meanwhile

@@ -214,6 +214,17 @@ def budget(study: optuna.Study) -> int:
     return int(study.user_attrs["n_trials"])
 
 
+def finished(study: optuna.Study, c: dict[str, int] | None = None) -> int:
+    """Trials that count against the budget: COMPLETE and PRUNED (of `c`, counts(), if given)."""
+    c = counts(study) if c is None else c
+    return c["complete"] + c["pruned"]
+
+
+def budget_met(study: optuna.Study, c: dict[str, int] | None = None) -> bool:
+    """The one budget rule, for the workers (take_slot) and the launcher alike."""
+    return finished(study, c) >= budget(study)
+
+
 def counts(study: optuna.Study, trials: list | None = None) -> dict[str, int]:
     """Trials per state (lower-case state names), of `trials` if given."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
