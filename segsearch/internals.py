@@ -5,6 +5,10 @@ against the version pinned in requirements.txt; tests/test_layout.py fails loudl
   study's storage and id (`Study._storage`, `Study._study_id`). Public API has no way to read or
   write a study's system attributes, where optuna-dashboard 0.21 lists a trial's files
   (segsearch.artifacts), nor to name a trial to the storage's heartbeat.
+- optuna 5.0.0's SuccessiveHalvingPruner.prune reads the rungs' competitors through
+  `study.get_trials` and writes a trial's rung through `study._storage`: the view that
+  segsearch.samplers.HalvingWithRetries hands it relies on both (tests/test_study_side.py's
+  retry-rung test fails if that changes).
 - Python 3.11's multiprocessing: the fork server's alive pipe
   (`multiprocessing.forkserver._forkserver._forkserver_alive_fd`), closed in each forked worker
   so that the server exits with the launcher (segsearch.launcher).
