@@ -603,7 +603,8 @@ def test_a_trial_failed_behind_the_workers_back_ends_cleanly_and_the_worker_goes
     from segsearch.lifecycle import CRASHED, KINDS
 
     raw = json.loads(json.dumps(SPACE))
-    raw["fixed"]["epochs"] = 200  # far longer than the test: the stale heartbeat must end it
+    raw["fixed"]["epochs"] = 200  # minutes of training: the stale heartbeat must end it early
+    raw["fixed"]["steps_per_epoch"] = 100
     run = Run(tmp_path, monkeypatch, raw=raw)
     monkeypatch.setattr(segsearch.storage, "HEARTBEAT_S", 60)  # one beat at the start, then silence
     monkeypatch.setattr(segsearch.storage, "GRACE_S", 1)
@@ -615,8 +616,9 @@ def test_a_trial_failed_behind_the_workers_back_ends_cleanly_and_the_worker_goes
     def another_worker() -> None:  # once the trial has reported and its heartbeat is stale
         while not run.study.trials[trial.number].intermediate_values:
             time.sleep(0.05)
-        time.sleep(1.5)
-        optuna.storages.fail_stale_trials(other)
+        while run.study.trials[trial.number].state == TrialState.RUNNING:
+            time.sleep(0.5)
+            optuna.storages.fail_stale_trials(other)
 
     thread = threading.Thread(target=another_worker)
     thread.start()
