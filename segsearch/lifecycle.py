@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,6 +62,8 @@ PREEMPTED, CRASHED = "preempted", "crashed"  # the two kinds of stop, counted ap
 # worker keeps dying is more likely a bug than bad luck.
 CAPS = {PREEMPTED: 20, CRASHED: 3}
 KINDS = "retry_kinds"  # system attribute: the kind of each stop in retry_history, in order
+# study.ask warns that heartbeats are meant for study.optimize: `heartbeat` below records them
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
 
 @dataclass

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import time
-import warnings
 
 from optuna.trial import TrialState
 
@@ -25,8 +24,6 @@ log = logging.getLogger(__name__)
 GIVE_UP_AFTER = 10  # trials of one worker failing in a row (diverged, out of memory)
 GAVE_UP = 3  # the worker's exit status then; the launcher does not restart it
 DEADLINE_ENV = "TRAIN_OPTUNA_DEADLINE"  # a search's deadline (time.time()), for its workers
-# study.ask warns that heartbeats are meant for study.optimize: lifecycle.heartbeat records them
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with")
 
 
 def run_worker(
