@@ -192,7 +192,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from segsearch.launcher import Launcher
+    from segsearch.launcher import Launcher, check_installed
+
+    check_installed()
 
     n_workers, gpus = worker_slots(args)
     where = where_text(gpus, n_workers)

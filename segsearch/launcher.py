@@ -94,15 +94,21 @@ def die_with_launcher() -> None:
         sys.exit(1)
 
 
-def fork_server(preload: list[str] = PRELOAD) -> multiprocessing.context.BaseContext:
-    """The context whose processes are forked from a server that has imported `preload`
-    (started on the first call; the tests start theirs with more). The server does not see the
-    launcher's sys.path: it imports segcore and segsearch as installed (`pip install -e .`)."""
+def check_installed() -> None:
+    """The fork server imports segcore and segsearch as installed: refuse before anything is
+    created when they are not (`search` checks first, the fork server again)."""
     try:
         importlib.metadata.distribution("train-optuna")
     except importlib.metadata.PackageNotFoundError:
         raise UserError("train_optuna is not installed in this Python: run `pip install -e .` in "
                         "the repository (README, set-up) before starting workers") from None  # fmt: skip
+
+
+def fork_server(preload: list[str] = PRELOAD) -> multiprocessing.context.BaseContext:
+    """The context whose processes are forked from a server that has imported `preload`
+    (started on the first call; the tests start theirs with more). The server does not see the
+    launcher's sys.path: it imports segcore and segsearch as installed (`pip install -e .`)."""
+    check_installed()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(preload)
     multiprocessing.forkserver.ensure_running()

@@ -406,3 +406,27 @@ def snapshot(root: Path) -> dict[str, tuple[int, int] | str]:
         else (p.lstat().st_size, p.lstat().st_mtime_ns)
         for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm"))
     }  # fmt: skip
+
+
+def test_search_without_the_package_installed_refuses_before_creating_anything(
+    tmp_path, monkeypatch, capsys
+):
+    """The workers' fork server imports the installed packages: in a Python where the project
+    is not installed (`pip install -e .` skipped), search says so in one line and creates no
+    study, folder or file."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def distribution(name: str):
+        if name == "train-optuna":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    (tmp_path / "space.yaml").write_text(TINY_SPACE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    assert main(["search", "--space", "space.yaml", "--study", "s", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not installed in this Python: run `pip install -e .`" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
