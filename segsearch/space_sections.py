@@ -109,22 +109,16 @@ def check_study(study: Any, source: str) -> dict[str, Any]:
     if extra:
         raise UserError(f"{source}: unknown key 'study.{extra[0]}'")
     out: dict[str, Any] = {}
-    if "n_trials" in study:
-        out["n_trials"] = number(study["n_trials"], f"{source}: study.n_trials", "int")
-        if out["n_trials"] < 1:
-            raise UserError(f"{source}: study.n_trials: must be at least 1")
-    if "top_k" in study:
-        out["top_k"] = number(study["top_k"], f"{source}: study.top_k", "int")
-        if out["top_k"] < 1:
-            raise UserError(f"{source}: study.top_k: must be at least 1")
-    if "finalists" in study:
-        out["finalists"] = number(study["finalists"], f"{source}: study.finalists", "int")
-        if out["finalists"] < 0:
-            raise UserError(f"{source}: study.finalists: 0 (no promotion stage) or more")
-    if "timeout" in study:
-        out["timeout"] = number(study["timeout"], f"{source}: study.timeout", "float")
-        if out["timeout"] < 0:
-            raise UserError(f"{source}: study.timeout: seconds, at least 0")
+    for key, kind, least, rule in (
+        ("n_trials", "int", 1, "must be at least 1"),
+        ("top_k", "int", 1, "must be at least 1"),
+        ("finalists", "int", 0, "0 (no promotion stage) or more"),
+        ("timeout", "float", 0, "seconds, at least 0"),
+    ):
+        if key in study:
+            out[key] = number(study[key], f"{source}: study.{key}", kind)
+            if out[key] < least:
+                raise UserError(f"{source}: study.{key}: {rule}")
     if study.get("metric", "patch_miou") != "patch_miou":
         raise UserError(f"{source}: study.metric: only patch_miou is supported")
     if "warm_start" in study:
