@@ -17,6 +17,7 @@ against the version pinned in requirements.txt; tests/test_layout.py fails loudl
 from __future__ import annotations
 
 import multiprocessing.forkserver
+import os
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -40,7 +41,5 @@ def close_forkserver_alive_fd() -> None:
     closing stops the server (inherited by every child)."""
     server = multiprocessing.forkserver._forkserver
     if getattr(server, "_forkserver_alive_fd", None) is not None:
-        import os
-
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None

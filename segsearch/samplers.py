@@ -99,7 +99,7 @@ class _WithoutRetried:
         return getattr(self._study, name)
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
-        every = self._study.get_trials(deepcopy=False)
+        every = self._study.get_trials(deepcopy=deepcopy)  # one read serves both
         retried = {n for t in every for n in t.system_attrs.get("retry_history", [])}
-        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
-        return [t for t in trials if t.number not in retried]
+        return [t for t in every
+                if t.number not in retried and (states is None or t.state in states)]  # fmt: skip
