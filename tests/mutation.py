@@ -79,7 +79,7 @@ def report() -> int:
     print("| module | mutants | killed | survived | equivalent | not judged | score |")
     print("|---|---|---|---|---|---|---|")
     for module, total, c, score in rows:
-        print(f"| segcore/{module} | {total} | {c['killed']} | {c['survived']} | "
+        print(f"| {module} | {total} | {c['killed']} | {c['survived']} | "
               f"{c['equivalent']} | {c['other']} | "
               f"{'-' if score is None else format(score, '.0%')} |")  # fmt: skip
     if survivors:
