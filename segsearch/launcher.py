@@ -38,6 +38,8 @@ from segsearch.study import budget, budget_met, counts, finished
 from segsearch.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
 MAX_RESTARTS = 3  # per worker slot: a worker that keeps dying is a bug, not bad luck
+POLL_S = 1.0  # how often the launcher looks at its workers and prints progress
+STOP_GRACE_S = 25  # Ctrl-C: how long workers get to stop their trials before they are killed
 # what a worker imports, also lazily: torch.optim the compiler stack, the training loop
 # batchgenerators and scipy, optuna's database storage alembic and SQLAlchemy (missing: skipped)
 PRELOAD = ["segsearch.worker", "segcore.train", "torch._dynamo", "optuna.storages._rdb.models",
@@ -193,7 +195,7 @@ class Launcher:
             while any(p is not None for p in self.procs):
                 self.supervise()
                 self.progress(started)
-                time.sleep(1)
+                time.sleep(POLL_S)
         except KeyboardInterrupt:
             self.stop()
             self.progress(started, final=True)
@@ -247,7 +249,7 @@ class Launcher:
         for p in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGINT)
-        deadline = time.monotonic() + 25
+        deadline = time.monotonic() + STOP_GRACE_S
         for p in live:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
             if p.exitcode is None:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 GIVE_UP_AFTER = 10  # trials of one worker failing in a row (diverged, out of memory)
 GAVE_UP = 3  # the worker's exit status then; the launcher does not restart it
+WAIT_S = 2.0  # between looks for a free slot while running trials hold every one
 DEADLINE_ENV = "TRAIN_OPTUNA_DEADLINE"  # a search's deadline (time.time()), for its workers
 
 
@@ -56,7 +57,7 @@ def run_worker(
             log.info("time limit reached: no new trial")
             return 0
         if trial is WAIT:
-            time.sleep(2)
+            time.sleep(WAIT_S)
             continue
         outcome = work(trial, ctx, storage, seed)
         failed_in_a_row = failed_in_a_row + 1 if outcome.state == TrialState.FAIL else 0
