@@ -265,6 +265,7 @@ def pdeathsig_after_die_with_launcher() -> None:
 
 def test_a_worker_asks_to_die_with_its_launcher(monkeypatch):
     monkeypatch.delenv(PARENT_ENV, raising=False)
+    die_with_launcher()  # here too: without a launcher it returns at once, and changes nothing
     assert in_child(pdeathsig_after_die_with_launcher) == 0  # started by hand: no launcher
     monkeypatch.setenv(PARENT_ENV, str(os.getpid()))
     assert in_child(pdeathsig_after_die_with_launcher) == signal.SIGTERM
