@@ -14,6 +14,9 @@ tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes
     python tests/mutation.py NAME ...   # run these mutants again (after new tests), then the table
 
 A test process that hangs or loops is stopped and counts as a timeout (stop_stuck_mutants).
+mutmut picks a mutant's tests by the calls it saw in the test process, so a function that runs
+only in a forked child (CHILD_ONLY) has "no tests": its mutants are run here against the tests
+that fork it, the same way (mutmut's name in MUTANT_UNDER_TEST, the mutants' copy of the code).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "tests" / "equivalent_mutants.txt"
 KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}  # test failure, internal error, timeout, crash
 SURVIVED = {0, 5, 33}  # tests passed; no test reached it
+# functions that run only in a forked child -> the tests that fork them
+CHILD_ONLY = {
+    "segsearch.launcher.x_run_command": [
+        "tests/test_launcher.py::test_run_command_runs_a_script_as_a_new_process_would",
+        "tests/test_launcher.py::test_a_launch_runs_its_workers_until_the_budget_is_met",
+    ],
+}
 
 
 def equivalent() -> dict[str, str]:
@@ -100,7 +110,37 @@ def main() -> int:
         while run.poll() is None:
             stop_stuck_mutants()
             time.sleep(10)
+        run_child_only(set(args.names))
     return report()
+
+
+def run_child_only(names: set[str]) -> None:
+    """CHILD_ONLY's mutants that mutmut found no tests for (or `names`), against their tests,
+    after a clean run of the same tests (a failing setup would otherwise kill every mutant)."""
+
+    def tests_pass(tests: list[str], mutant: str) -> int:
+        env = {**os.environ, "MUTANT_UNDER_TEST": mutant}
+        command = [sys.executable, "-m", "pytest", "-x", "-n", "0", "-q", "-p", "no:cacheprovider"]
+        run = subprocess.run([*command, *tests], cwd=ROOT / "mutants", env=env, check=False,
+                             capture_output=True, timeout=300)  # fmt: skip
+        return run.returncode
+
+    clean = set()
+    for module, codes in results().items():
+        meta = ROOT / "mutants" / f"{module}.meta"
+        data = json.loads(meta.read_text())
+        for name, code in codes.items():
+            tests = CHILD_ONLY.get(name.partition("__mutmut_")[0])
+            if not tests or (code not in (None, 33) and name not in names):
+                continue
+            if tuple(tests) not in clean:
+                if tests_pass(tests, "") != 0:
+                    sys.exit(f"the tests of {name} fail without a mutant: {tests}")
+                clean.add(tuple(tests))
+            data["exit_code_by_key"][name] = tests_pass(tests, name)
+            killed = data["exit_code_by_key"][name] in KILLED
+            print(f"{name}: {'killed' if killed else 'survived'}", flush=True)
+        meta.write_text(json.dumps(data))
 
 
 def stop_stuck_mutants(hung_s: int = 120, longest_s: int = 300) -> None:

@@ -79,11 +79,6 @@ def test_the_workers_environment(run, monkeypatch):
     assert worker_env(0, [], 1)["CUDA_VISIBLE_DEVICES"] == ""  # none: CPU
     monkeypatch.setenv("SOMETHING_OF_THE_USERS", "kept")
     assert worker_env(0, [], 1)["SOMETHING_OF_THE_USERS"] == "kept"
-    assert parse_gpus("none") == [] and parse_gpus("auto") == parse_gpus("all")
-    with pytest.raises(UserError, match="--gpus 'x': use auto, none, all"):
-        parse_gpus("x")
-    with pytest.raises(UserError, match=r"--gpus: GPU 99 does not exist \(this machine has \d+\)"):
-        parse_gpus("99")
     started = []
     lau = Launcher("s", run.url, 64, [], quiet=True, timeout=600)
     assert lau.threads == 1 and 590 < lau.deadline - time.time() <= 600
@@ -95,6 +90,29 @@ def test_the_workers_environment(run, monkeypatch):
     assert float(env[DEADLINE_ENV]) == lau.deadline and env[STORAGE_ENV] == run.url
     assert env[PARENT_ENV] == str(os.getpid()) and run.url not in argv
     assert log == str((lau.log_dir / "worker-1.log").resolve()) and lau.log_dir.is_dir()
+
+
+def test_gpus_are_parsed_against_the_machines(monkeypatch):
+    import torch
+
+    assert parse_gpus("none") == []
+    assert parse_gpus("auto") == parse_gpus("all") == list(range(torch.cuda.device_count()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert parse_gpus("auto") == parse_gpus("all") == [0, 1, 2, 3]
+    assert parse_gpus("none") == []
+    assert parse_gpus("0,3") == [0, 3] and parse_gpus("0") == [0]
+    for spec in ("4", "-1", "1,4"):
+        with pytest.raises(
+            UserError, match=r"--gpus: GPU -?\d does not exist \(this machine has 4\)"
+        ):
+            parse_gpus(spec)
+    with pytest.raises(UserError, match="--gpus 'x': use auto, none, all or a list like 0,1"):
+        parse_gpus("x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver that is not loaded
+    assert parse_gpus("auto") == []
+    with pytest.raises(UserError, match=r"GPU 0 does not exist \(this machine has 0\)"):
+        parse_gpus("0")
 
 
 class FakeContext:
@@ -183,8 +201,13 @@ def test_how_a_launch_ends(run, monkeypatch, capsys):
 
 
 def sleep_until_signalled(ignore_sigint: bool) -> None:
-    if ignore_sigint:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker that takes half a second to stop its trial on SIGINT, or one that hangs."""
+
+    def stop_slowly(signum, frame):
+        time.sleep(0.5)
+        sys.exit(1)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else stop_slowly)
     time.sleep(60)
 
 
@@ -205,7 +228,7 @@ def test_stop_interrupts_its_workers_kills_hung_ones_and_retries_their_trials(ru
     started = time.monotonic()
     lau.stop()
     assert time.monotonic() - started < 10
-    assert polite.exitcode == 1 and hung.exitcode == -signal.SIGKILL  # KeyboardInterrupt; killed
+    assert polite.exitcode == 1 and hung.exitcode == -signal.SIGKILL  # stopped; killed
     trials = optuna.load_study(study_name="s", storage=run.url).trials
     by_number = {t.number: t for t in trials}
     assert by_number[held["polite"].number].state == TrialState.FAIL
@@ -267,8 +290,13 @@ def test_a_worker_asks_to_die_with_its_launcher(monkeypatch):
     monkeypatch.delenv(PARENT_ENV, raising=False)
     die_with_launcher()  # here too: without a launcher it returns at once, and changes nothing
     assert in_child(pdeathsig_after_die_with_launcher) == 0  # started by hand: no launcher
-    monkeypatch.setenv(PARENT_ENV, str(os.getpid()))
+    launcher_process = FORK.Process(target=time.sleep, args=(30,))
+    launcher_process.start()
+    monkeypatch.setenv(PARENT_ENV, str(launcher_process.pid))
     assert in_child(pdeathsig_after_die_with_launcher) == signal.SIGTERM
+    assert launcher_process.is_alive()  # only asked whether it is there
+    launcher_process.kill()
+    launcher_process.join()
     gone = FORK.Process(target=sys.exit)
     gone.start()
     gone.join()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import optuna
@@ -102,7 +103,8 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert trial.value == max(trial.intermediate_values.values())
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
     assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["sampler_seed"] == 7
-    assert trial.user_attrs["pid"] == os.getpid()
+    assert trial.user_attrs["pid"] == os.getpid() and "slurm_task" not in trial.user_attrs
+    assert trial.user_attrs["host"] == socket.gethostname()
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
@@ -704,3 +706,48 @@ def test_a_retry_does_not_count_its_trials_rungs_twice(tmp_path, monkeypatch):
     plain = halving(optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
     _, pruned = reach_rung_0(plain, 0.5)  # the same trials, counted by optuna alone
     assert pruned
+
+
+def test_a_slurm_array_task_is_recorded_on_its_trials(tmp_path, monkeypatch):
+    run = Run(tmp_path, monkeypatch)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    trial, _ = run.trial(**GOOD)
+    assert trial.user_attrs["slurm_task"] == "1234"  # a plain job
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    trial, _ = run.trial(**GOOD)
+    assert trial.user_attrs["slurm_task"] == "1200_7"  # an array's task
+
+
+def test_a_retry_copies_its_trial_and_names_the_first_of_its_lineage(tmp_path, monkeypatch, caplog):
+    """What a retry carries (parameters, user attributes, reported values, optuna's
+    `failed_trial`: the first trial of the lineage, as optuna's RetryFailedTrialCallback does),
+    the heartbeat's callback retrying as a crash, and the warning at the cap."""
+    from optuna.storages import RetryFailedTrialCallback
+
+    from segsearch.lifecycle import CAPS, CRASHED, KINDS, retry_crashed
+
+    run = Run(tmp_path, monkeypatch)
+    run.study.set_user_attr("n_trials", 100)
+    first = take_slot(run.study, run.lock)
+    first.set_user_attr("config", {"patch_size": 16})
+    first.report(0.25, 0)
+    run.study.tell(first, state=TrialState.FAIL)
+    lineage = [first.number]
+    for _ in range(CAPS[CRASHED]):
+        retry_crashed(run.study, run.study.trials[lineage[-1]])  # as fail_stale_trials calls it
+        (waiting,) = run.study.get_trials(states=(TrialState.WAITING,))
+        assert waiting.params == first.params and waiting.intermediate_values == {0: 0.25}
+        assert waiting.user_attrs["config"] == {"patch_size": 16}
+        assert RetryFailedTrialCallback.retried_trial_number(waiting) == first.number
+        assert waiting.system_attrs["retry_history"] == lineage
+        again = take_slot(run.study, run.lock)
+        assert again.number == waiting.number
+        run.study.tell(again, state=TrialState.FAIL)
+        lineage.append(again.number)
+    assert run.study.trials[lineage[-1]].system_attrs[KINDS] == [CRASHED] * CAPS[CRASHED]
+    with caplog.at_level(logging.WARNING, logger="segsearch.lifecycle"):
+        retry_crashed(run.study, run.study.trials[lineage[-1]])
+    assert not run.study.get_trials(states=(TrialState.WAITING,))
+    assert (f"trial {lineage[-1]}: not retried, {CRASHED} {CAPS[CRASHED]} times (the cap)"
+            in caplog.text)  # fmt: skip
