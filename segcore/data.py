@@ -293,13 +293,15 @@ def _check_channels(images: list[tuple[Path, np.ndarray]]) -> list[np.ndarray]:
 
 def load_images(folder: str | Path, labels: Labels | None = None) -> Dataset:
     """Images for prediction: a data folder (masks decoded with `labels`, a model's mapping, if
-    present) or a folder of images (laid out as `labels` declares unless its labels.json says)."""
+    present), its images/ when it has no masks, or a folder of images; laid out as the data
+    folder's labels.json declares, else as `labels` declares."""
     folder = Path(folder)
+    decl = {}
     if (folder / "images").is_dir():
         if (folder / "masks").is_dir():
             return load_folder(folder, labels)
+        decl = read_declarations(folder / "labels.json")
         folder = folder / "images"
-    decl = read_declarations(folder / "labels.json")
     axes = decl.get("axes") or (labels.axes if labels else None)
     paths = list_images(folder)
     images = _check_channels([(p, read_image(p, axes)) for p in paths])

@@ -167,8 +167,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg, progress: bool = False, on_im
     per_image = []
     pairs = enumerate(zip(stitched(model, dataset.images, cfg), dataset.masks))
     for i, (probs, mask) in shown(pairs, len(dataset.images), "score", "images", progress):
-        truth = torch.from_numpy(np.asarray(mask, np.int64))
-        per_image.append(confusion_matrix(probs.argmax(0), truth, k))
+        per_image.append(confusion_matrix(probs.argmax(0), mask, k))
         if on_image is not None:
             on_image(i, probs)
     cm = np.sum(per_image, axis=0) if per_image else np.zeros((k, k), np.int64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcore.data import ZSCORE, Dataset, colorize, load_folder, load_images
+from segcore.data import ZSCORE, Dataset, colorize, load_folder, load_images, normalization_for
 from segcore.errors import UserError
 from segcore.labels import Labels
 from segcore.split import split
@@ -255,6 +255,12 @@ def test_join_keeps_every_image_with_its_mask_and_name():
     assert [m.max() for m in both.masks] == [0, 1] and [i.max() for i in both.raw] == [0, 1]
     unlabelled = Dataset([np.ones((2, 2, 1))], None, ["c"], labels)
     assert a.join(unlabelled).masks is None and len(a.join(unlabelled).raw) == 2
+    norm = normalization_for("percentile", a)
+    stats_a, stats_b = np.array([1.0]), np.array([2.0])  # channel statistics known for both
+    a = Dataset(a.raw, a.masks, a.names, labels, norm, [stats_a])
+    b = Dataset(b.raw, b.masks, b.names, labels, norm, [stats_b])
+    both = a.join(b)
+    assert both.norm == norm and both.stats == [stats_a, stats_b]  # nothing recomputed or lost
 
 
 def test_test_data_must_have_masks_and_the_channels_of_the_data():

@@ -139,6 +139,9 @@ def test_evaluate_scores_with_the_configs_stitching(model):
     iou = inter / union
     assert out["images"] == 2 and out["miou"] == pytest.approx(iou.mean(), abs=1e-12)
     assert out["per_class"] == pytest.approx(dict(zip(["bg", "line", "ellipse"], iou)))
+    out = evaluate(model, Dataset([], [], [], labels, norm=UNCHANGED), cfg)  # no image: no score
+    assert out["images"] == 0 and out["confusion"] == [] and np.isnan(out["miou"])
+    assert out["per_class"] == {"bg": None, "line": None, "ellipse": None}
 
 
 def test_tile_starts_with_a_step_under_two_pixels():

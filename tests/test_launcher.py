@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import optuna
@@ -90,6 +91,13 @@ def test_the_workers_environment(run, monkeypatch):
     assert float(env[DEADLINE_ENV]) == lau.deadline and env[STORAGE_ENV] == run.url
     assert env[PARENT_ENV] == str(os.getpid()) and run.url not in argv
     assert log == str((lau.log_dir / "worker-1.log").resolve()) and lau.log_dir.is_dir()
+    started.clear()
+    lau.log_dir = lau.log_dir / "a" / "b"  # made, parents and all, when a worker starts
+    lau.gpus = [0, 5]
+    lau.start(3)
+    ((argv, env, _),) = started
+    assert argv[-2:] == ["--device", "cuda"] and env["CUDA_VISIBLE_DEVICES"] == "5"
+    assert lau.log_dir.is_dir()
 
 
 def test_gpus_are_parsed_against_the_machines(monkeypatch):
@@ -178,6 +186,7 @@ def test_how_a_launch_ends(run, monkeypatch, capsys):
     failed = run.study.ask()
     failed.set_user_attr("fail_reason", "diverged: loss became nan")
     run.study.tell(failed, state=TrialState.FAIL)
+    run.study.tell(run.study.ask(), 0.5)  # the last failed trial is named, not the last trial
     with pytest.raises(UserError) as error:
         ending(run, monkeypatch, [GAVE_UP, 0]).run()
     assert str(error.value) == (f"--study s: stopped, {GIVE_UP_AFTER} trials in a row failed in a "
@@ -190,10 +199,10 @@ def test_how_a_launch_ends(run, monkeypatch, capsys):
                                 f"{lau.log_dir}/worker-*.log")  # fmt: skip
     assert ending(run, monkeypatch, [0], timeout=0).run() == 0  # the time limit: not an error
     err = capsys.readouterr().err
-    assert ("time limit reached: 0 of 3 trials; stopped ones resume when the search is run again"
+    assert ("time limit reached: 1 of 3 trials; stopped ones resume when the search is run again"
             in err)  # fmt: skip
-    assert err.strip().splitlines()[-2].startswith("trials 0/3: 0 complete, 0 pruned, 1 failed")
-    for _ in range(3):
+    assert err.strip().splitlines()[-2].startswith("trials 1/3: 1 complete, 0 pruned, 1 failed")
+    for _ in range(2):
         run.study.tell(run.study.ask(), 0.5)
     assert ending(run, monkeypatch, [GAVE_UP]).run() == 0  # gave up, but the budget is met
     assert ending(run, monkeypatch, [0], timeout=0).run() == 0
@@ -221,10 +230,12 @@ def test_stop_interrupts_its_workers_kills_hung_ones_and_retries_their_trials(ru
     time.sleep(0.5)  # the handlers installed
     lau.procs = [polite, hung, Exited(0)]
     held = {}
-    for name, pid in (("polite", polite.pid), ("hung", hung.pid), ("elsewhere", 1)):
+    for name, pid in (("polite", polite.pid), ("hung", hung.pid), ("elsewhere", 1),
+                      ("finished", polite.pid)):  # fmt: skip
         held[name] = run.study.ask()
         held[name].set_user_attr("host", socket.gethostname())
         held[name].set_user_attr("pid", pid)
+    run.study.tell(held["finished"], 0.5)  # an earlier trial of the same worker
     started = time.monotonic()
     lau.stop()
     assert time.monotonic() - started < 10
@@ -234,6 +245,7 @@ def test_stop_interrupts_its_workers_kills_hung_ones_and_retries_their_trials(ru
     assert by_number[held["polite"].number].state == TrialState.FAIL
     assert by_number[held["hung"].number].state == TrialState.FAIL
     assert by_number[held["elsewhere"].number].state == TrialState.RUNNING  # not this launcher's
+    assert by_number[held["finished"].number].state == TrialState.COMPLETE
     retries = [t for t in trials if t.state == TrialState.WAITING]
     assert sorted(t.system_attrs["retry_history"][-1] for t in retries) == sorted(
         [held["polite"].number, held["hung"].number]
@@ -245,6 +257,44 @@ def with_the_real_streams(target, *args) -> None:
     """A forked worker's print goes to fd 1 and 2 (pytest's capture replaced sys.stdout here)."""
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     target(*args)
+
+
+def test_ctrl_c_stops_the_workers_and_says_how_to_resume(run, monkeypatch, capsys):
+    """A real SIGINT in the launcher while its workers run: each worker gets one and stops, the
+    launcher prints its last line and how to resume, and exits 130. A bug in the launcher also
+    stops every worker before it is raised."""
+    monkeypatch.setattr(launcher, "STOP_GRACE_S", 5)
+    workers = []
+
+    def start(i: int) -> None:
+        workers.append(FORK.Process(target=sleep_until_signalled, args=(False,)))
+        workers[-1].start()
+        lau.procs[i] = workers[-1]
+
+    lau = Launcher("s", run.url, 2, [], quiet=True)
+    monkeypatch.setattr(lau, "start", start)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        assert lau.run() == 130
+    finally:
+        timer.cancel()
+    assert [w.exitcode for w in workers] == [1, 1]  # each stopped by its SIGINT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("trials 0/3: 0 complete") and err[-2].endswith(" s")
+    assert err[-1] == "stopped: run the same command again to resume"
+    workers.clear()
+    lau = Launcher("s", run.url, 1, [], quiet=True)
+    monkeypatch.setattr(lau, "start", start)
+
+    def bug() -> None:
+        time.sleep(0.5)  # the worker's handler installed
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(lau, "supervise", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        lau.run()
+    assert workers[0].exitcode == 1
 
 
 def in_child(target, *args) -> int:

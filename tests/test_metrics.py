@@ -69,3 +69,14 @@ def test_bootstrap_interval_of_images_and_of_a_paired_margin():
     assert bootstrap_miou([a, a], baseline=[b, b])[0] > 0
     low, high = bootstrap_miou([a, b], baseline=[b, a])
     assert low < 0 < high
+
+
+def test_bootstrap_intervals_are_reproducible_and_seeded():
+    """The report's intervals are the same on every run (seed 0 unless given)."""
+    from segcore.metrics import bootstrap_miou
+
+    rng = np.random.default_rng(5)
+    cms = rng.integers(0, 100, (12, 3, 3))
+    once = bootstrap_miou(cms, resamples=200)
+    assert bootstrap_miou(cms, resamples=200) == once == bootstrap_miou(cms, None, 200, 0)
+    assert bootstrap_miou(cms, None, 200, 1) != once

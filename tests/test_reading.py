@@ -259,6 +259,16 @@ def test_a_recorded_mapping_survives_json_and_a_folder_of_images_follows_its_axe
     assert load_images(tmp_path / "images", labels).raw[0][3, 4, 1] == 40000  # the model's axes
     with pytest.raises(UserError, match="cannot tell the layout"):
         load_images(tmp_path / "images")
+    (tmp_path / "labels.json").write_text(json.dumps({"axes": "CYX"}))
+    assert load_images(tmp_path).raw[0][3, 4, 1] == 40000  # a data folder's labels.json says
+    (tmp_path / "labels.json").unlink()
+    plain = Labels(labels.classes, labels.colors, labels.values, None, "CYX")
+    mask = np.zeros((H, W), np.uint8)
+    mask[0, 0], mask[1, 1] = 9, 12
+    (tmp_path / "masks").mkdir()
+    write(tmp_path / "masks" / "a.png", mask)
+    data = load_images(tmp_path, plain)  # a data folder: masks decoded with the model's mapping
+    assert data.labels == plain and data.masks[0][0, 0] == 1 and data.masks[0][1, 1] == 2
 
 
 def test_percentile_normalisation_is_fitted_on_the_images_given():

@@ -751,3 +751,23 @@ def test_a_retry_copies_its_trial_and_names_the_first_of_its_lineage(tmp_path, m
     assert not run.study.get_trials(states=(TrialState.WAITING,))
     assert (f"trial {lineage[-1]}: not retried, {CRASHED} {CAPS[CRASHED]} times (the cap)"
             in caplog.text)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://bob:hunter2@db:5432/optuna", "postgresql://bob:***@db:5432/optuna"),
+        ("postgresql://bob:p@ss@db/optuna", "postgresql://bob:***@db/optuna"),  # @ unescaped
+        ("postgresql://bob:a:b@db/optuna", "postgresql://bob:***@db/optuna"),
+        ("postgresql://bob@db/optuna?sslmode=require&Password=x&a=b",
+         "postgresql://bob@db/optuna?sslmode=require&Password=***&a=b"),
+        ("postgresql://bob:pw@db/optuna?options=http://x", "postgresql://bob:***@db/optuna?options=http://x"),
+        ("postgresql://db:5432/optuna?application_name=me@lab/x",
+         "postgresql://db:5432/optuna?application_name=me@lab/x"),  # an @ after the path
+        ("sqlite:///storage/s.db", "sqlite:///storage/s.db"),
+    ],
+)  # fmt: skip
+def test_a_storage_url_is_shown_without_its_password(url, shown):
+    from segsearch.storage import mask_url
+
+    assert mask_url(url) == shown
