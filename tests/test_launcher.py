@@ -7,6 +7,7 @@ real forked children. tests/test_search.py and tests/test_faults.py run the real
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import multiprocessing
 import os
@@ -45,7 +46,9 @@ def run(tmp_path, monkeypatch) -> Run:
     """A study with a budget of 3 tiny trials, and launchers that fork from this process."""
     monkeypatch.setattr(launcher, "fork_server", lambda: FORK)
     monkeypatch.setattr(launcher, "POLL_S", 0.05)
-    return Run(tmp_path, monkeypatch)
+    run = Run(tmp_path, monkeypatch)
+    optuna.create_study(study_name="another", storage=run.url)  # launchers must name theirs
+    return run
 
 
 class Exited:
@@ -92,11 +95,17 @@ def test_the_workers_environment(run, monkeypatch):
     assert env[PARENT_ENV] == str(os.getpid()) and run.url not in argv
     assert log == str((lau.log_dir / "worker-1.log").resolve()) and lau.log_dir.is_dir()
     started.clear()
+    lau = Launcher("s", run.url, 4, [0, 5], quiet=True)
+    lau.context = FakeContext(started)
     lau.log_dir = lau.log_dir / "a" / "b"  # made, parents and all, when a worker starts
-    lau.gpus = [0, 5]
     lau.start(3)
     ((argv, env, _),) = started
     assert argv[-2:] == ["--device", "cuda"] and env["CUDA_VISIBLE_DEVICES"] == "5"
+    started.clear()
+    lau = Launcher("s", run.url, 1, [], quiet=True)
+    lau.context = FakeContext(started)
+    lau.start(0)
+    assert started[0][1]["OMP_NUM_THREADS"] == str(usable_cpus())  # one worker: every CPU
     assert lau.log_dir.is_dir()
 
 
@@ -141,6 +150,8 @@ def test_worker_seeds_differ_by_worker_restart_and_trials_so_far(run):
     lau = Launcher("s", run.url, 2, [], quiet=True, seed=5)
     first = lau.worker_seed(0)
     assert first == Launcher("s", run.url, 2, [], quiet=True, seed=5).worker_seed(0)
+    plain = Launcher("s", run.url, 2, [], quiet=True).worker_seed(0)
+    assert plain == Launcher("s", run.url, 2, [], quiet=True, seed=0).worker_seed(0) != first
     assert first != Launcher("s", run.url, 2, [], quiet=True, seed=6).worker_seed(0)
     assert first != lau.worker_seed(1)
     lau.restarts[0] = 1
@@ -163,16 +174,19 @@ def test_supervise_restarts_crashed_workers_up_to_a_cap(run, monkeypatch, capsys
     err = capsys.readouterr().err
     assert f"worker 2 exited with status -9 (see {lau.log_dir}/worker-2.log)" in err
     assert "restarting worker 2" in err and "worker 0" not in err and "worker 1" not in err
+    lau.procs[2] = Exited(1)
+    lau.supervise()
+    assert restarted == [2, 2] and lau.restarts[2] == 2  # counted on
     lau.restarts[2] = MAX_RESTARTS
     lau.procs[2] = Exited(1)
     lau.supervise()
-    assert restarted == [2] and lau.procs[2] is None  # the cap: not again
+    assert restarted == [2, 2] and lau.procs[2] is None  # the cap: not again
     lau.restarts[2] = 0
     for _ in range(3):
         run.study.tell(run.study.ask(), 0.5)
     lau.procs[2] = Exited(1)
     lau.supervise()
-    assert restarted == [2]  # the budget is met: nothing to restart for
+    assert restarted == [2, 2]  # the budget is met: nothing to restart for
 
 
 def ending(run, monkeypatch, codes: list[int], timeout: float | None = None) -> Launcher:
@@ -384,3 +398,20 @@ def test_stop_with_nothing_running_and_progress_lines(run, capsys):
     quiet.progress(time.monotonic() - 12, final=True)
     assert capsys.readouterr().err == ("trials 1/3: 1 complete, 0 pruned, 0 failed, 0 running; "
                                        "best validation patch mIoU 0.2500; 12 s\n")  # fmt: skip
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_progress_is_one_line_rewritten(run, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    lau = Launcher("s", run.url, 1, [], quiet=False)
+    now = time.monotonic()
+    lau.progress(now)
+    lau.progress(now)  # a terminal: every call, over the same line
+    lau.progress(now, final=True)  # the last one ends the line
+    line = "trials 0/3: 0 complete, 0 pruned, 0 failed, 0 running; best validation patch mIoU -"
+    assert terminal.getvalue() == f"\r{line}; 0 s\r{line}; 0 s\r{line}; 0 s\n"

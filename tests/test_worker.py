@@ -45,6 +45,7 @@ def trials(run: Run) -> list[optuna.trial.FrozenTrial]:
 
 def test_a_worker_runs_trials_until_the_budget_is_met(tmp_path, monkeypatch):
     run = Run(tmp_path, monkeypatch)  # a budget of 3 trials
+    optuna.create_study(study_name="another", storage=run.url)  # the worker must name its own
     assert run_worker("s", run.url, seed=3, device="cpu") == 0
     done = trials(run)
     assert [t.state for t in done] == [TrialState.COMPLETE] * 3
@@ -57,22 +58,37 @@ def test_a_worker_runs_trials_until_the_budget_is_met(tmp_path, monkeypatch):
     assert len(trials(run)) == 3
 
 
-def test_the_time_limit_its_own_or_the_searchs(tmp_path, monkeypatch):
+def test_the_time_limit_its_own_or_the_searchs(tmp_path, monkeypatch, caplog):
     """`timeout` counts from the worker's start; a search's workers share the search's deadline
-    (DEADLINE_ENV), which wins over their own."""
+    (DEADLINE_ENV), which wins over their own. The same seed samples the same trials."""
     run = Run(tmp_path, monkeypatch)
-    assert run_worker("s", run.url, None, "cpu", timeout=0) == 0
+    with caplog.at_level(logging.INFO, logger="segsearch.worker"):
+        assert run_worker("s", run.url, 3, "cpu", timeout=0) == 0
     assert trials(run) == []  # past the limit: no trial started
-    assert run_worker("s", run.url, None, "cpu", timeout=600) == 0
-    assert len(trials(run)) == 3
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.worker"]
+    assert said == ["time limit reached: no new trial"]
+    assert run_worker("s", run.url, 3, "cpu", timeout=600) == 0
+    first = [t.params for t in trials(run)]
+    assert len(first) == 3
     (tmp_path / "b").mkdir()
     run = Run(tmp_path / "b", monkeypatch)
     monkeypatch.setenv(DEADLINE_ENV, repr(time.time() - 1))
-    assert run_worker("s", run.url, None, "cpu", timeout=600) == 0
+    assert run_worker("s", run.url, 3, "cpu", timeout=600) == 0
     assert trials(run) == []
     monkeypatch.setenv(DEADLINE_ENV, repr(time.time() + 600))
-    assert run_worker("s", run.url, None, "cpu", timeout=0) == 0
-    assert len(trials(run)) == 3
+    assert run_worker("s", run.url, 3, "cpu", timeout=0) == 0
+    assert [t.params for t in trials(run)] == first
+
+
+def test_a_trial_running_past_the_time_limit_stops_and_is_retried_later(tmp_path, monkeypatch):
+    raw = budget_of(5)
+    raw["fixed"]["epochs"] = 200  # far longer than the limit
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    assert run_worker("s", run.url, 0, "cpu", timeout=1.0) == 0
+    done = trials(run)
+    assert [t.state for t in done] == [TrialState.FAIL, TrialState.WAITING]
+    assert done[0].user_attrs["fail_reason"].startswith("stopped at the time limit")
+    assert 0 < len(done[0].intermediate_values) < 200
 
 
 def test_a_worker_gives_up_after_trials_fail_in_a_row_and_a_success_resets_the_count(
@@ -89,7 +105,9 @@ def test_a_worker_gives_up_after_trials_fail_in_a_row_and_a_success_resets_the_c
     states = [t.state for t in trials(run) if t.state != TrialState.WAITING]
     fail, complete = TrialState.FAIL, TrialState.COMPLETE
     assert states == [fail] * (GIVE_UP_AFTER - 1) + [complete] + [fail] * GIVE_UP_AFTER
-    assert f"{GIVE_UP_AFTER} trials in a row failed; giving up" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "segsearch.worker"] == [
+        f"{GIVE_UP_AFTER} trials in a row failed; giving up (see their fail_reason)"
+    ]
 
 
 def test_a_signal_stops_the_worker_with_130_and_its_trial_is_retried(tmp_path, monkeypatch):
