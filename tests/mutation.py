@@ -4,9 +4,11 @@ mutmut (3.x, requirements-dev.txt; configured in pyproject.toml's [tool.mutmut])
 small thing at a time in the modules pyproject.toml names (segcore's metrics, stitched
 inference, patches, augmentation table, data split and training loop; segsearch's space
 validation, checkpoint keeping, worker loop, trial lifecycle, resume, storage and launcher), and
-runs the tests of `pytest -m "not
-slow"` that reach the changed function. A mutant the tests fail on (or time out on) is killed;
-one they pass survives. Mutants that change no behaviour are listed, with why, in
+runs the tests of `pytest -m "not slow"` that reach the changed function, of the module's own
+test files (MODULE_TESTS: a module is judged by its unit tests, not by every test whose fixture
+happens to call it; the study-side fixture reaches space, data and storage, which made each of
+their mutants run twenty seconds of lifecycle tests). A mutant the tests fail on (or time out on)
+is killed; one they pass survives. Mutants that change no behaviour are listed, with why, in
 tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes a while).
 
     python tests/mutation.py            # run mutmut, then print the table (docs/testing.md)
@@ -36,6 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "tests" / "equivalent_mutants.txt"
 KILLED = {1, 3, 36, -24, 24, 152, 255, -11, -9}  # test failure, internal error, timeout, crash
 SURVIVED = {0, 5, 33}  # tests passed; no test reached it
+# module -> its test files (tests/); a module not listed keeps every test that reaches it
+MODULE_TESTS = {
+    "segcore.metrics": ["test_metrics.py", "test_infer.py", "test_promote.py"],
+    "segcore.infer": ["test_infer.py"],
+    "segcore.patches": ["test_patches.py", "test_train.py"],
+    "segcore.augment": ["test_augment.py"],
+    "segcore.data": ["test_data.py", "test_reading.py"],
+    "segcore.split": ["test_data.py"],
+    "segcore.train": ["test_train.py"],
+    "segsearch.space": ["test_space.py", "test_plan.py"],
+    "segsearch.distributions": ["test_space.py"],
+    "segsearch.checkpoints": ["test_study_side.py", "test_promote.py"],
+    "segsearch.worker": ["test_worker.py"],
+    "segsearch.lifecycle": ["test_study_side.py", "test_worker.py"],
+    "segsearch.resume": ["test_study_side.py"],
+    "segsearch.storage": ["test_study_side.py", "test_launcher.py"],
+    "segsearch.launcher": ["test_launcher.py"],
+}
 # functions that run only in a forked child -> the tests that fork them
 CHILD_ONLY = {
     "segsearch.launcher.x_run_command": [
@@ -102,16 +122,38 @@ def report() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only print the last run's table")
+    parser.add_argument("--mutmut", action="store_true", help=argparse.SUPPRESS)  # the run itself
     parser.add_argument("names", nargs="*", help="mutants to run again (mutmut's names)")
     args = parser.parse_args()
+    if args.mutmut:
+        return run_mutmut(args.names)
     if not args.report:
-        mutmut = Path(sys.executable).with_name("mutmut")
-        run = subprocess.Popen([str(mutmut), "run", "--max-children", "2", *args.names], cwd=ROOT)
+        run = subprocess.Popen([sys.executable, __file__, "--mutmut", *args.names], cwd=ROOT)
         while run.poll() is None:
             stop_stuck_mutants()
             time.sleep(10)
         run_child_only(set(args.names))
     return report()
+
+
+def run_mutmut(names: list[str]) -> int:
+    """`mutmut run` with each function's tests narrowed to its module's MODULE_TESTS once
+    mutmut has collected (or loaded) which tests reach which function."""
+    import mutmut.__main__ as mutmut
+
+    collect = mutmut.collect_or_load_stats
+
+    def collect_then_narrow(*args, **kwargs) -> None:
+        collect(*args, **kwargs)
+        for function, tests in mutmut.state().tests_by_mangled_function_name.items():
+            files = MODULE_TESTS.get(function.rpartition(".")[0])
+            if files:
+                tests.intersection_update(
+                    {t for t in tests if t.partition("::")[0].removeprefix("tests/") in files}
+                )
+
+    mutmut.collect_or_load_stats = collect_then_narrow
+    return mutmut.cli(["run", "--max-children", "2", *names], standalone_mode=False) or 0
 
 
 def run_child_only(names: set[str]) -> None:

@@ -287,12 +287,14 @@ def test_ctrl_c_stops_the_workers_and_says_how_to_resume(run, monkeypatch, capsy
 
     lau = Launcher("s", run.url, 2, [], quiet=True)
     monkeypatch.setattr(lau, "start", start)
+    was = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `search` (Python's)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert lau.run() == 130
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, was)
     assert [w.exitcode for w in workers] == [1, 1]  # each stopped by its SIGINT
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2].startswith("trials 0/3: 0 complete") and err[-2].endswith(" s")
