@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -129,3 +131,134 @@ def test_a_percentile_fit_records_its_normalisation_in_the_model(data, tmp_path)
     raw = np.asarray(data[1].raw[0], np.float32)
     expected = (raw - result.norm.low[0]) / (result.norm.high[0] - result.norm.low[0])
     assert np.allclose(np.asarray(image), expected, atol=1e-6)
+
+
+def test_seeding_covers_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from segcore.train import seed_everything
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(3)
+    first = draws()
+    seed_everything(3)
+    assert draws() == first
+    seed_everything(4)
+    assert all(a != b for a, b in zip(draws(), first))
+
+
+def test_lr_schedules_exactly():
+    assert [lr_factor("step", s, 9) for s in (0, 3, 4, 8)] == [1.0, 1.0, 0.1, 0.1]  # 9 // 2 = 4
+    assert lr_factor("poly", 5, 10) == pytest.approx(0.5**0.9)
+    assert lr_factor("poly", 0, 10) == 1.0 and lr_factor("other", 5, 10) == 1.0
+
+
+def test_optimizers_are_built_as_the_config_says():
+    from segcore.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = make_optimizer(TrialConfig(lr=0.02, weight_decay=1e-4), params)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["lr"] == 0.02 and sgd.defaults["momentum"] == 0.9
+    assert sgd.defaults["weight_decay"] == 1e-4
+    adamw = make_optimizer(TrialConfig(optimizer="adamw", lr=3e-4, weight_decay=0.05), params)
+    assert type(adamw) is torch.optim.AdamW
+    assert adamw.defaults["lr"] == 3e-4 and adamw.defaults["weight_decay"] == 0.05
+
+
+def test_the_loss_is_cross_entropy_plus_soft_dice_over_the_batch():
+    """Dice: per class over the whole batch, (2 I + 1e-5) / (sum p + sum onehot + 1e-5), mean
+    over classes, 1 minus it added to the cross-entropy."""
+    import numpy as np
+
+    from segcore.train import seg_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=gen)
+    target = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert seg_loss(logits, target, "ce") == ce
+    p = logits.softmax(1).numpy()
+    onehot = np.stack([(target.numpy() == c) for c in range(3)], 1).astype(np.float32)
+    inter, denom = (p * onehot).sum((0, 2, 3)), p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    assert float(seg_loss(logits, target, "ce+dice")) == pytest.approx(float(ce) + 1 - dice)
+
+
+def test_a_step_returns_the_loss_it_took_and_moves_the_weights():
+    from segcore.device import grad_scaler
+    from segcore.train import make_optimizer, seg_loss, train_step
+
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 3, 1, 4, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    expected = float(seg_loss(model(x), y, "ce+dice"))
+    optimizer = make_optimizer(TrialConfig(lr=0.1), model.parameters())
+    cpu = torch.device("cpu")
+    loss = train_step(model, optimizer, grad_scaler(cpu), (x, y), "ce+dice", cpu)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_defaults_a_bar_zscore_the_width_cap_and_the_schedule(data, capsys):
+    """train() shows progress unless told not to; normalises with z-scores unless the config
+    says percentile; caps widths at max_width; steps the learning rate as the schedule says."""
+    from segcore.data import ZSCORE
+
+    cfg = TrialConfig(**{**TINY, "max_width": 8}, epochs=2, schedule="step", lr=0.05)
+    result = train(cfg, *data)
+    err = capsys.readouterr().err
+    assert "train: 8/8 steps (100%)" in err and "epoch 2/2: loss " in err
+    assert result.norm == ZSCORE
+    assert max(t.shape[0] for t in result.state_dict.values() if t.ndim == 4) == 8
+    assert [h["lr"] for h in result.history] == [0.05 * 0.1, 0.05 * 0.1]  # 4 < 8 // 2 is false
+
+
+def test_without_validation_images_the_last_epoch_is_kept(data):
+    cfg = TrialConfig(**TINY, epochs=2)
+    seen = []
+    result = train(cfg, data[0], None, on_epoch=lambda e, m: seen.append(e), progress=False)
+    assert result.best_epoch == 1 and result.best_patch_miou is None and seen == []
+    assert [h["patch_miou"] for h in result.history] == [None, None]
+
+
+def test_resuming_a_finished_training_returns_its_best(data, capsys):
+    """A state saved after the last epoch: nothing left to train, the best so far returned as
+    it was saved, and the bar starts where the state left off."""
+    states = []
+    cfg = TrialConfig(**TINY, epochs=2, normalization="percentile")
+    whole = train(cfg, *data, on_saved=states.append, progress=False)
+    resumed = train(cfg, *data, resume=states[-1])
+    assert resumed.best_epoch == whole.best_epoch and resumed.norm == whole.norm
+    assert resumed.best_patch_miou == whole.best_patch_miou and resumed.history == whole.history
+    assert all(torch.equal(whole.state_dict[k], v) for k, v in resumed.state_dict.items())
+    assert "train:" not in capsys.readouterr().err  # 8 of 8 steps done before: no new line
+
+
+def test_a_resume_without_the_stream_state_draws_a_fresh_reproducible_stream(data, monkeypatch):
+    """Augmentation processes cannot replay their stream: a resume of such a state (batches
+    None) draws a new one, seeded from the trial's seed and the epoch (not the first epoch's
+    batches again), the same on every resume."""
+    import segcore.train
+
+    seeds = []
+    plain = segcore.train.train_batches
+
+    def recorded(*args, **kwargs):
+        seeds.append(kwargs["seed"])
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(segcore.train, "train_batches", recorded)
+    states = []
+    cfg = TrialConfig(**TINY, epochs=2, seed=5)
+    train(cfg, *data, on_saved=states.append, progress=False)
+    state = {**states[0], "batches": None}
+    a = train(cfg, *data, resume=copy.deepcopy(state), progress=False)  # as read from its file
+    b = train(cfg, *data, resume=copy.deepcopy(state), progress=False)
+    assert seeds[0] == 5 and seeds[1] == seeds[2] != 5 and isinstance(seeds[1], int)
+    assert all(torch.equal(a.state_dict[k], v) for k, v in b.state_dict.items())
