@@ -51,9 +51,9 @@ MODULE_TESTS = {
     "segsearch.distributions": ["test_space.py", "test_bad_input.py"],
     "segsearch.checkpoints": ["test_study_side.py", "test_promote.py"],
     "segsearch.worker": ["test_worker.py"],
-    "segsearch.lifecycle": ["test_study_side.py", "test_worker.py"],
+    "segsearch.lifecycle": ["test_study_side.py"],
     "segsearch.resume": ["test_study_side.py"],
-    "segsearch.storage": ["test_study_side.py", "test_launcher.py", "test_bad_input.py"],
+    "segsearch.storage": ["test_study_side.py", "test_bad_input.py"],
     "segsearch.launcher": ["test_launcher.py"],
 }
 # functions that run only in a forked child -> the tests that fork them
