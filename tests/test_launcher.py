@@ -206,6 +206,10 @@ def test_how_a_launch_ends(run, monkeypatch, capsys):
     assert str(error.value) == (f"--study s: stopped, {GIVE_UP_AFTER} trials in a row failed in a "
                                 "worker (last: diverged: loss became nan); check the data and "
                                 "the space")  # fmt: skip
+    silent = run.study.ask()
+    run.study.tell(silent, state=TrialState.FAIL)  # failed without a reason: said so
+    with pytest.raises(UserError, match=r"failed in a worker \(last: no reason recorded\);"):
+        ending(run, monkeypatch, [GAVE_UP]).run()
     lau = ending(run, monkeypatch, [0, 0])
     with pytest.raises(UserError) as error:
         lau.run()
@@ -215,7 +219,7 @@ def test_how_a_launch_ends(run, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert ("time limit reached: 1 of 3 trials; stopped ones resume when the search is run again"
             in err)  # fmt: skip
-    assert err.strip().splitlines()[-2].startswith("trials 1/3: 1 complete, 0 pruned, 1 failed")
+    assert err.strip().splitlines()[-2].startswith("trials 1/3: 1 complete, 0 pruned, 2 failed")
     for _ in range(2):
         run.study.tell(run.study.ask(), 0.5)
     assert ending(run, monkeypatch, [GAVE_UP]).run() == 0  # gave up, but the budget is met
@@ -345,6 +349,11 @@ def test_run_command_runs_a_script_as_a_new_process_would(tmp_path):
     assert out.read_text().endswith("to the log\nto the error log\n")  # one log for both
 
 
+def sleep_hangs_up_by_default() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a run under nohup ignores it
+    time.sleep(30)
+
+
 def pdeathsig_after_die_with_launcher() -> None:
     die_with_launcher()
     sig = ctypes.c_int(0)
@@ -356,7 +365,7 @@ def test_a_worker_asks_to_die_with_its_launcher(monkeypatch):
     monkeypatch.delenv(PARENT_ENV, raising=False)
     die_with_launcher()  # here too: without a launcher it returns at once, and changes nothing
     assert in_child(pdeathsig_after_die_with_launcher) == 0  # started by hand: no launcher
-    launcher_process = FORK.Process(target=time.sleep, args=(30,))
+    launcher_process = FORK.Process(target=sleep_hangs_up_by_default)
     launcher_process.start()
     monkeypatch.setenv(PARENT_ENV, str(launcher_process.pid))
     assert in_child(pdeathsig_after_die_with_launcher) == signal.SIGTERM

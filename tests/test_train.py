@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -187,6 +189,12 @@ def test_the_loss_is_cross_entropy_plus_soft_dice_over_the_batch():
     inter, denom = (p * onehot).sum((0, 2, 3)), p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
     assert float(seg_loss(logits, target, "ce+dice")) == pytest.approx(float(ce) + 1 - dice)
+    absent = target.clamp(max=1)  # the last class in no pixel: still three classes of Dice
+    onehot = np.stack([(absent.numpy() == c) for c in range(3)], 1).astype(np.float32)
+    inter, denom = (p * onehot).sum((0, 2, 3)), p.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    ce = torch.nn.functional.cross_entropy(logits, absent)
+    assert float(seg_loss(logits, absent, "ce+dice")) == pytest.approx(float(ce) + 1 - dice)
 
 
 def test_a_step_returns_the_loss_it_took_and_moves_the_weights():
@@ -213,7 +221,12 @@ def test_defaults_a_bar_zscore_the_width_cap_and_the_schedule(data, capsys):
     cfg = TrialConfig(**{**TINY, "max_width": 8}, epochs=2, schedule="step", lr=0.05)
     result = train(cfg, *data)
     err = capsys.readouterr().err
-    assert "train: 8/8 steps (100%)" in err and "epoch 2/2: loss " in err
+    assert "train: 8/8 steps (100%)" in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch")]
+    pattern = r"epoch {}/2: loss \d\.\d{{4}}, validation patch mIoU 0\.\d{{4}}, \d+\.\d s"
+    assert len(lines) == 2
+    assert all(re.fullmatch(pattern.format(e), line) for e, line in zip((1, 2), lines))
+    assert all(0 <= h["seconds"] < 60 for h in result.history)
     assert result.norm == ZSCORE
     assert max(t.shape[0] for t in result.state_dict.values() if t.ndim == 4) == 8
     assert [h["lr"] for h in result.history] == [0.05 * 0.1, 0.05 * 0.1]  # 4 < 8 // 2 is false
@@ -251,14 +264,33 @@ def test_a_resume_without_the_stream_state_draws_a_fresh_reproducible_stream(dat
 
     def recorded(*args, **kwargs):
         seeds.append(kwargs["seed"])
-        return plain(*args, **kwargs)
+        assert kwargs["processes"] == 3  # the config's augmentation processes
+        return plain(*args, **{**kwargs, "processes": 0})
 
     monkeypatch.setattr(segcore.train, "train_batches", recorded)
     states = []
-    cfg = TrialConfig(**TINY, epochs=2, seed=5)
+    cfg = TrialConfig(**TINY, epochs=2, seed=5, aug_processes=3)
     train(cfg, *data, on_saved=states.append, progress=False)
     state = {**states[0], "batches": None}
     a = train(cfg, *data, resume=copy.deepcopy(state), progress=False)  # as read from its file
     b = train(cfg, *data, resume=copy.deepcopy(state), progress=False)
     assert seeds[0] == 5 and seeds[1] == seeds[2] != 5 and isinstance(seeds[1], int)
     assert all(torch.equal(a.state_dict[k], v) for k, v in b.state_dict.items())
+
+
+def test_the_configured_loss_is_trained_and_each_epoch_is_logged_without_a_bar(data, caplog):
+    one_step = {**TINY, "steps_per_epoch": 1}
+    with caplog.at_level(logging.INFO, logger="segcore.train"):
+        ce = train(TrialConfig(**one_step, epochs=1, loss="ce"), data[0], None, progress=False)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "segcore.train"]
+    assert re.fullmatch(r"epoch 1/1: loss \d\.\d{4}, \d+\.\d s", said)  # no mIoU: no images
+    dice = train(TrialConfig(**one_step, epochs=1, loss="ce+dice"), data[0], None, progress=False)
+    assert dice.history[0]["loss"] > ce.history[0]["loss"]  # the same first batch, plus 1 - Dice
+
+
+def test_a_resumed_bar_starts_where_the_state_left_off(data, capsys):
+    states = []
+    cfg = TrialConfig(**TINY, epochs=2)
+    train(cfg, *data, on_saved=states.append, progress=False)
+    train(cfg, *data, resume=copy.deepcopy(states[0]))
+    assert "train: 8/8 steps (100%)" in capsys.readouterr().err  # 4 done before, 4 now
