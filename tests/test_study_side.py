@@ -105,6 +105,8 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["sampler_seed"] == 7
     assert trial.user_attrs["pid"] == os.getpid() and "slurm_task" not in trial.user_attrs
     assert trial.user_attrs["host"] == socket.gethostname()
+    assert trial.user_attrs["precision"] == precision_for(CPU)
+    assert trial.user_attrs["threads"] == torch.get_num_threads()
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
@@ -801,3 +803,67 @@ def test_each_epoch_replaces_the_saved_state_and_a_retry_looks_back_past_trials_
     with pytest.raises(UserError) as error:  # no checkpoint: said with the study and the folder
         load_checkpoint(run.study, run.study.trials[fresh.number], run.store, CPU)
     assert str(error.value).startswith(f"--study s: trial {fresh.number}'s checkpoint is not in ")
+
+
+def test_a_bug_in_a_trial_fails_it_with_a_reason_and_is_raised(tmp_path, monkeypatch):
+    """Anything but the trial's own failures is a bug: the trial ends FAIL saying where to look,
+    and the error reaches the worker (which stops), and the checkpoints are still pruned to the
+    top K."""
+    import segsearch.lifecycle
+
+    run = Run(tmp_path, monkeypatch)  # top_k 2
+    for lr in (0.05, 0.1, 0.2):
+        run.trial(patch_size=16, lr=lr)
+    assert len(checkpoints(run.study)) == 2  # each trial's end drops what cannot be top K
+
+    def bug(trial, ctx):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(segsearch.lifecycle, "run_trial", bug)
+    run.study.set_user_attr("n_trials", 4)
+    trial = take_slot(run.study, run.lock)
+    ctx = Context(run.study, run.space, run.data, run.store, Interrupts(), CPU)
+    with pytest.raises(RuntimeError, match="a bug"):
+        work(trial, ctx, run.storage, seed=7)
+    failed = run.study.trials[trial.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"] == "error (see the worker's log)"
+
+
+def test_a_resumed_trial_reports_what_was_saved_unreported_and_keeps_its_measured_steps(
+    tmp_path, monkeypatch, caplog
+):
+    """A worker killed between saving an epoch and reporting it: the retry reports that epoch
+    from the saved state. A budget in seconds became steps when the trial first ran; its retry
+    goes on with those steps instead of measuring again."""
+    from segsearch.lifecycle import PREEMPTED, retry
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["fixed"]["epochs"] = 3
+    raw["fixed"]["seconds"] = 0.3
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.study.set_user_attr("n_trials", 10)
+    stopped, _ = run.trial(deadline=0.0, **GOOD)  # saved and reported epoch 0, then stopped
+    steps = stopped.user_attrs["config"]["steps_per_epoch"]
+    assert stopped.user_attrs["step_seconds"] > 0 and stopped.user_attrs["config"]["seconds"] == 0
+    killed = take_slot(run.study, run.lock)  # its retry, killed before it saved anything
+    run.study.tell(killed, state=TrialState.FAIL)
+    unreported = run.study.trials[killed.number]
+    unreported.intermediate_values = {}  # as if epoch 0 had been saved but never reported
+    assert retry(run.study, unreported, PREEMPTED)
+    with caplog.at_level(logging.INFO, logger="segsearch.lifecycle"):
+        resumed, _ = run.trial()
+    assert resumed.system_attrs["retry_history"][-1] == killed.number
+    assert resumed.state == TrialState.COMPLETE and sorted(resumed.intermediate_values) == [0, 1, 2]
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.lifecycle"]
+    assert f"trial {resumed.number} resumes trial {stopped.number} after epoch 1" in said
+    assert resumed.user_attrs["step_seconds"] == stopped.user_attrs["step_seconds"]  # not again
+    assert resumed.user_attrs["config"]["steps_per_epoch"] == steps
+
+
+def test_the_last_epoch_past_the_time_limit_completes_the_trial(tmp_path, monkeypatch):
+    raw = json.loads(json.dumps(SPACE))
+    raw["fixed"]["epochs"] = 1
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    trial, outcome = run.trial(deadline=0.0, **GOOD)  # nothing left to stop: it is done
+    assert trial.state == TrialState.COMPLETE and not outcome.retry
