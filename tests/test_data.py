@@ -11,7 +11,7 @@ from segcore.data import ZSCORE, Dataset, colorize, load_folder, load_images, no
 from segcore.errors import UserError
 from segcore.labels import Labels
 from segcore.split import split
-from segcore.synthetic import ellipse_mask, synthetic_arrays, write_synthetic
+from segcore.synthetic import ellipse_mask, synthetic_arrays, synthetic_dataset, write_synthetic
 
 PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
 
@@ -525,3 +525,62 @@ def test_mask_shapes_a_folder_may_hold(tmp_path):
     with pytest.raises(UserError) as e:
         load_folder(tmp_path / "d")
     assert str(e.value) == f"{bad}: size 10x4 differs from its image Img_1.png (10x6)"
+
+
+def test_a_normalized_view_behaves_as_a_float32_image():
+    from segcore.data import Normalized
+
+    raw = np.arange(2 * 3 * 2, dtype=np.uint16).reshape(2, 3, 2)
+    view = Normalized(raw, np.array([1.0, 2.0], np.float32), np.array([0.5, 2.0], np.float32))
+    whole = (raw.astype(np.float32) - [1.0, 2.0]) * [0.5, 2.0]
+    assert view.shape == (2, 3, 2) and view.ndim == 3 and view.dtype == np.float32
+    assert np.array_equal(np.asarray(view), whole) and np.asarray(view).dtype == np.float32
+    assert np.asarray(view, np.float64).dtype == np.float64
+    assert np.array_equal(view[0:1, 1:3], whole[0:1, 1:3])  # a patch: only it normalised
+    assert np.array_equal(view[1], whole[1]) and np.array_equal(view[..., 0], whole[..., 0])
+
+
+def test_subsets_and_renormalised_sets_keep_everything_else():
+    from segcore.data import normalization_for
+
+    labels = Labels.plain(["bg", "fg"], [(0, 0, 0), (9, 9, 9)])
+    raw = [np.full((4, 4, 1), v, np.float32) for v in (0.1, 0.2, 0.3)]
+    masks = [np.full((4, 4), i % 2, np.uint8) for i in range(3)]
+    stats = [np.array([[v], [0.0]]) for v in (0.1, 0.2, 0.3)]
+    data = Dataset(raw, masks, ["a", "b", "c"], labels, ZSCORE, stats)
+    part = data.subset([2, 0])
+    assert part.names == ["c", "a"] and part.labels == labels and part.norm == ZSCORE
+    assert [m[0, 0] for m in part.masks] == [0, 0] and part.stats == [stats[2], stats[0]]
+    assert data.subset([1]).masks[0][0, 0] == 1
+    assert Dataset(raw, None, ["a", "b", "c"], labels).subset([0]).masks is None
+    assert normalization_for("zscore", data) is ZSCORE
+    before = data.images[0][0, 0, 0]  # views made (and cached) for z-scores
+    percentile = normalization_for("percentile", data)  # floats spanning 0.2: not clipped to 1
+    after = data.normalized(percentile).images[2][0, 0, 0]
+    assert after != before and after == pytest.approx(
+        (0.3 - percentile.low[0]) / (percentile.high[0] - percentile.low[0]), rel=1e-5
+    )
+
+
+def test_dataset_from_a_folder_decodes_with_the_mapping_given_and_caches(tmp_path):
+    from segcore.data import dataset_from
+
+    write_synthetic(tmp_path / "d", 3, seed=1, height=24, width=32)
+    own = load_folder(tmp_path / "d").labels
+    (tmp_path / "d" / "labels.json").unlink()  # a test folder: the model's mapping decodes it
+    mapping = Labels(("x", "y", "z"), own.colors, own.values)
+    data = dataset_from(tmp_path / "d", mapping, tmp_path / "cache")
+    assert data.classes == ["x", "y", "z"]
+    assert list((tmp_path / "cache").glob("*.npy"))
+    assert dataset_from(None).names[:2] == synthetic_dataset(100, seed=0).names[:2]
+
+
+def test_the_split_is_the_configs_seed_every_time():
+    from segcore.config import TrialConfig
+    from segcore.split import split_dataset
+
+    data = synthetic_dataset(12, seed=0, height=16, width=16)
+    cfg = TrialConfig(seed=3)
+    names = split_dataset(data, cfg).names()
+    assert names == split_dataset(data, cfg).names()
+    assert names != split_dataset(data, TrialConfig(seed=4)).names()

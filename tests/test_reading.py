@@ -300,3 +300,25 @@ def test_the_decode_cache_maps_each_file_once_and_follows_changes(tmp_path):
     write(root / "images" / "a0.tif", changed)
     assert np.array_equal(load_folder(root, first.labels, cache).raw[0][..., 0], changed)
     assert len(list(cache.glob("*.npy"))) == 5  # a changed file is decoded afresh
+
+
+def test_the_cache_follows_a_changed_layout_or_mapping_and_keeps_the_declared_axes(tmp_path):
+    """A cached decode is keyed by how the file was read: declaring another layout, or
+    another class mapping, decodes afresh; the declared axes stay on the data set's classes
+    (a model trained on it records them for predict)."""
+    mask = np.zeros((H, W), np.uint8)
+    mask[3, 4] = 1
+    root = folder(tmp_path / "d", [two_channels()], [mask], {"axes": "CYX"})
+    cache = tmp_path / "cache"
+    first = load_folder(root, cache=cache)
+    assert first.raw[0].shape == (H, W, 2) and first.raw[0][3, 4, 1] == 40000
+    assert first.labels.axes == "CYX"
+    (root / "labels.json").write_text(json.dumps({"axes": "YXC"}))  # the same file, read anew
+    with pytest.raises(UserError, match=r"size 32x24 differs from its image a0.tif \(24x2\)"):
+        load_folder(root, cache=cache)
+    (root / "labels.json").write_text(json.dumps({"axes": "CYX", "classes": ["bg", "a", "b"],
+                                                  "values": [0, 2, 1]}))  # fmt: skip
+    remapped = load_folder(root, cache=cache)
+    assert remapped.masks[0][3, 4] == 2 and remapped.labels.axes == "CYX"  # value 1 is "b"
+    again = load_folder(root, cache=cache)
+    assert again.masks[0][3, 4] == 2 and isinstance(again.masks[0], np.memmap)
