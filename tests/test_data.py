@@ -535,9 +535,10 @@ def test_a_normalized_view_behaves_as_a_float32_image():
     whole = (raw.astype(np.float32) - [1.0, 2.0]) * [0.5, 2.0]
     assert view.shape == (2, 3, 2) and view.ndim == 3 and view.dtype == np.float32
     assert np.array_equal(np.asarray(view), whole) and np.asarray(view).dtype == np.float32
-    assert np.asarray(view, np.float64).dtype == np.float64
+    assert np.asarray(view, np.float16).dtype == np.float16
     assert np.array_equal(view[0:1, 1:3], whole[0:1, 1:3])  # a patch: only it normalised
     assert np.array_equal(view[1], whole[1]) and np.array_equal(view[..., 0], whole[..., 0])
+    assert np.array_equal(view[:, :, 1:2], whole[:, :, 1:2]) and np.array_equal(view[:1], whole[:1])
 
 
 def test_subsets_and_renormalised_sets_keep_everything_else():
@@ -556,7 +557,9 @@ def test_subsets_and_renormalised_sets_keep_everything_else():
     assert normalization_for("zscore", data) is ZSCORE
     before = data.images[0][0, 0, 0]  # views made (and cached) for z-scores
     percentile = normalization_for("percentile", data)  # floats spanning 0.2: not clipped to 1
-    after = data.normalized(percentile).images[2][0, 0, 0]
+    view = data.normalized(percentile).images[2]
+    assert np.asarray(view).dtype == view[0:2, 0:2].dtype == np.float32  # what the model takes
+    after = view[0, 0, 0]
     assert after != before and after == pytest.approx(
         (0.3 - percentile.low[0]) / (percentile.high[0] - percentile.low[0]), rel=1e-5
     )

@@ -153,6 +153,18 @@ def test_study_section_smallest_values():
         ({"study": {"warm_start": "yes"}}, "study.warm_start: true, false or a mapping of searched fields to values"),
         ({"final": {"seed": 3}},
          "final.seed: the final fit keeps the study's value; set other fields there"),
+        ({"promote": {"seed": 3}},
+         "promote.seed: the promotion stage keeps the study's value; set other fields there"),
+        ({"promote": {"lr": 0.05}},
+         "promote.lr: the promotion stage keeps the winner's value; set other fields there"),
+        ({"promote": [1]}, "'promote' must map config fields to values"),
+        ({"promote": {"epochs": "x"}}, "promote: config field 'epochs': must be of type int, got 'x'"),
+        ({"final": {"ensemble": "x"}}, "final.ensemble: must be a finite int number, got 'x'"),
+        ({"final": {"ensemble": 0}}, "final.ensemble: 1 (the winner alone) or more finalists"),
+        ({"study": {"warm_start": {"lr": 5.0}}},
+         "study.warm_start.lr: 5.0 is not a value the search samples"),
+        ({"final": {"seconds": 60}, "promote": {"epochs": 2}},
+         "promote.epochs: the final budget is in seconds (60); set promote.seconds"),
         ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"val_patch_size": 40}},
          "val_patch_size 40: must be a multiple of 2**4 = 16, as trials of depth 4 score on it"),
     ],
@@ -186,6 +198,8 @@ def test_grid_lists_the_values_a_distribution_can_take():
 
     assert _grid({"type": "int", "low": 1, "high": 7, "step": 2}) == [1, 3, 5, 7]
     assert _grid({"type": "int", "low": 0, "high": 20_000, "step": 1}) == [0, 20_000]
+    assert len(_grid({"type": "int", "low": 1, "high": 10_000, "step": 1})) == 10_000  # listed
+    assert _grid({"type": "int", "low": 1, "high": 10_001, "step": 1}) == [1, 10_001]
     assert _grid({"type": "float", "low": 0.1, "high": 0.2, "step": None}) == [0.1, 0.2]
     assert _grid({"type": "categorical", "choices": [32, 64]}) == [32, 64]
 
@@ -303,3 +317,15 @@ def test_sampler_and_pruner_args_are_checked_when_the_space_is_loaded(tmp_path):
         load_space(write(tmp_path, GOOD.replace("n_startup_trials: 2", "bogus: 2")))
     assert isinstance(build_sampler(load_space(write(tmp_path, GOOD)), 0),
                       optuna.samplers.RandomSampler)  # fmt: skip
+
+
+def test_limits_and_the_largest_patch_are_the_spaces():
+    from segsearch.space import largest_patch
+
+    patch = {"patch_size": {"type": "categorical", "choices": [32, 96, 64]}}
+    space = parse_space({"search": patch, "constraints": {"max_params": 1000}}, "s")
+    assert space.constraints == {"max_params": 1000.0} and largest_patch(space) == 96
+    lr = {"lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    assert largest_patch(parse_space({"search": lr, "fixed": {"patch_size": 48}}, "s")) == 48
+    two = {"search": lr, "final": {"ensemble": 2, "train_on": "train"}, "study": {"finalists": 2}}
+    assert parse_space(two, "s").ensemble == 2
