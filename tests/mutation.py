@@ -4,7 +4,8 @@ mutmut (3.x, requirements-dev.txt; configured in pyproject.toml's [tool.mutmut])
 small thing at a time in the modules pyproject.toml names (segcore's metrics, stitched
 inference, patches, augmentation table, data split and training loop; segsearch's space
 validation, checkpoint keeping, worker loop, trial lifecycle, resume, storage and launcher), and
-runs the tests of `pytest -m "not slow"` that reach the changed function, of the module's own
+runs the tests of `pytest -m "not slow or mutation"` (the quick layer and the slow tests that
+call the code in-process, tests/test_launcher.py) that reach the changed function, of the module's own
 test files (MODULE_TESTS: a module is judged by its unit tests, not by every test whose fixture
 happens to call it; the study-side fixture reaches space, data and storage, which made each of
 their mutants run twenty seconds of lifecycle tests). A mutant the tests fail on (or time out on)

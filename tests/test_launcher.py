@@ -39,6 +39,8 @@ from segsearch.storage import STORAGE_ENV
 from segsearch.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER
 
 FORK = multiprocessing.get_context("fork")
+# real processes (the slow layer), but the launcher's code runs here, where mutation testing sees it
+pytestmark = [pytest.mark.slow, pytest.mark.mutation]
 
 
 @pytest.fixture
@@ -292,7 +294,7 @@ def test_ctrl_c_stops_the_workers_and_says_how_to_resume(run, monkeypatch, capsy
     lau = Launcher("s", run.url, 2, [], quiet=True)
     monkeypatch.setattr(lau, "start", start)
     was = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `search` (Python's)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         assert lau.run() == 130
