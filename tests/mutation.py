@@ -5,8 +5,8 @@ small thing at a time in the modules pyproject.toml names (segcore's metrics, st
 inference, patches, augmentation table, data split and training loop; segsearch's space
 validation, checkpoint keeping, worker loop, trial lifecycle, resume, storage and launcher), and
 runs the tests of `pytest -m "not slow or mutation"` (the quick layer and the slow tests that
-call the code in-process, tests/test_launcher.py) that reach the changed function, of the module's own
-test files (MODULE_TESTS: a module is judged by its unit tests, not by every test whose fixture
+call the code in-process, tests/test_launcher.py) that reach the changed function, of the
+module's own test files (MODULE_TESTS: a module is judged by its unit tests, not by every test whose fixture
 happens to call it; the study-side fixture reaches space, data and storage, which made each of
 their mutants run twenty seconds of lifecycle tests). A mutant the tests fail on (or time out on)
 is killed; one they pass survives. Mutants that change no behaviour are listed, with why, in
@@ -139,19 +139,25 @@ def main() -> int:
 
 def run_mutmut(names: list[str]) -> int:
     """`mutmut run` with each function's tests narrowed to its module's MODULE_TESTS once
-    mutmut has collected (or loaded) which tests reach which function."""
+    mutmut has collected (or loaded) which tests reach which function, and handed to pytest
+    shortest first, so that a mutant the unit tests kill is killed in seconds (pytest -x)."""
     import mutmut.__main__ as mutmut
 
     collect = mutmut.collect_or_load_stats
 
+    class ShortestFirst(set):
+        def __iter__(self):
+            took = mutmut.state().duration_by_test
+            return iter(sorted(set.__iter__(self), key=lambda test: (took.get(test, 0), test)))
+
     def collect_then_narrow(*args, **kwargs) -> None:
         collect(*args, **kwargs)
-        for function, tests in mutmut.state().tests_by_mangled_function_name.items():
+        tests_of = mutmut.state().tests_by_mangled_function_name
+        for function, tests in list(tests_of.items()):
             files = MODULE_TESTS.get(function.rpartition(".")[0])
             if files:
-                tests.intersection_update(
-                    {t for t in tests if t.partition("::")[0].removeprefix("tests/") in files}
-                )
+                tests = {t for t in tests if t.partition("::")[0].removeprefix("tests/") in files}
+            tests_of[function] = ShortestFirst(tests)
 
     mutmut.collect_or_load_stats = collect_then_narrow
     return mutmut.cli(["run", "--max-children", "2", *names], standalone_mode=False) or 0
