@@ -96,9 +96,15 @@ class Run:
 GOOD = {"patch_size": 16, "lr": 0.05}
 
 
-def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, monkeypatch):
+def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(
+    tmp_path, monkeypatch, capsys, caplog
+):
     run = Run(tmp_path, monkeypatch)
-    trial, outcome = run.trial(**GOOD)
+    with caplog.at_level(logging.INFO, logger="segsearch.lifecycle"):
+        trial, outcome = run.trial(**GOOD)
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.lifecycle"]
+    assert said == [f"trial 0 complete with patch mIoU {trial.value:.4f} "]  # no heartbeat note
+    assert "train:" not in capsys.readouterr().err  # a worker's log gets lines, not a bar
     assert trial.state == TrialState.COMPLETE and trial.value == outcome.value
     assert trial.value == max(trial.intermediate_values.values())
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["epochs_run"] == 2
@@ -110,6 +116,11 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(tmp_path, m
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
     assert payload["extra"]["patch_miou"] == trial.value and payload["config"].patch_size == 16
+    assert payload["extra"]["study"] == "s" and payload["extra"]["trial"] == trial.number
+    assert payload["extra"]["split"] == run.data.names()
+    assert payload["extra"]["data"] == run.study.user_attrs["data"] == str(tmp_path / "d")
+    best = max(trial.intermediate_values, key=trial.intermediate_values.get)
+    assert trial.user_attrs["best_epoch"] == best
 
 
 def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch):
@@ -122,8 +133,9 @@ def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch):
     assert trial.user_attrs["fail_reason"].startswith("diverged: loss became")
     interrupts = Interrupts()
     interrupts.requested = True  # a signal came between trials: the next one stops at once
-    trial, _ = run.trial(interrupts, **GOOD)
+    trial, outcome = run.trial(interrupts, **GOOD)
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == INTERRUPTED
+    assert outcome.retry  # a preemption: retried
     assert not checkpoints(run.study)  # none of them completed
 
 
@@ -631,7 +643,8 @@ def test_a_trial_failed_behind_the_workers_back_ends_cleanly_and_the_worker_goes
         outcome = work(trial, ctx, silent, seed=7)
     thread.join()
     assert outcome.state == TrialState.FAIL and outcome.elsewhere
-    assert "failed meanwhile" in caplog.text
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"trial {trial.number} was failed meanwhile (heartbeat); going on" in said
     failed_trial = run.study.trials[trial.number]
     assert failed_trial.state == TrialState.FAIL
     assert 0 < len(failed_trial.intermediate_values) < 200
@@ -867,3 +880,60 @@ def test_the_last_epoch_past_the_time_limit_completes_the_trial(tmp_path, monkey
     run = Run(tmp_path, monkeypatch, raw=raw)
     trial, outcome = run.trial(deadline=0.0, **GOOD)  # nothing left to stop: it is done
     assert trial.state == TrialState.COMPLETE and not outcome.retry
+
+
+def test_out_of_memory_fails_the_trial_with_its_first_line_and_other_errors_are_bugs(
+    tmp_path, monkeypatch
+):
+    import segcore.train
+
+    run = Run(tmp_path, monkeypatch)
+    run.study.set_user_attr("n_trials", 10)
+    errors = iter([
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB\nmore"),
+        MemoryError(),
+        RuntimeError("x" * 300 + " can't allocate memory"),
+    ])  # fmt: skip
+
+    def short_of_memory(*args, **kwargs):
+        raise next(errors)
+
+    monkeypatch.setattr(segcore.train, "train", short_of_memory)
+    reasons = []
+    for _ in range(3):
+        trial, outcome = run.trial(**GOOD)
+        assert trial.state == TrialState.FAIL and not outcome.retry
+        reasons.append(trial.user_attrs["fail_reason"])
+    assert reasons == [
+        "out of memory: DefaultCPUAllocator: can't allocate memory: you tried 9 GB",
+        "out of memory: MemoryError",
+        "out of memory: " + ("x" * 300 + " can't allocate memory")[:200],
+    ]
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(segcore.train, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run.trial(**GOOD)
+
+
+def test_a_retry_trains_on_from_the_saved_state(tmp_path, monkeypatch):
+    import segcore.train
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["fixed"]["epochs"] = 3
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.study.set_user_attr("n_trials", 2)
+    stopped, _ = run.trial(deadline=0.0, **GOOD)
+    assert stopped.state == TrialState.FAIL  # after epoch 0, its state saved
+    plain, resumed_from = segcore.train.train, []
+
+    def recorded(*args, **kwargs):
+        resumed_from.append(kwargs["resume"]["epoch"] if kwargs["resume"] else None)
+        assert kwargs["device"] == CPU and kwargs["progress"] is False
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(segcore.train, "train", recorded)
+    resumed, _ = run.trial()
+    assert resumed.state == TrialState.COMPLETE and resumed_from == [0]
