@@ -123,14 +123,17 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(
     assert trial.user_attrs["best_epoch"] == best
 
 
-def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch):
+def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch, caplog):
     always = optuna.pruners.ThresholdPruner(lower=2.0)  # every mIoU is below 2: prune at once
     run = Run(tmp_path, monkeypatch, pruner=always)
     trial, _ = run.trial(**GOOD)
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
-    trial, _ = run.trial(patch_size=16, lr=1.0e30)
+    with caplog.at_level(logging.INFO, logger="segsearch.lifecycle"):
+        trial, _ = run.trial(patch_size=16, lr=1.0e30)
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["fail_reason"].startswith("diverged: loss became")
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.lifecycle"]
+    assert said == [f"trial 1 fail {trial.user_attrs['fail_reason']}"]  # no value, the reason
     interrupts = Interrupts()
     interrupts.requested = True  # a signal came between trials: the next one stops at once
     trial, outcome = run.trial(interrupts, **GOOD)
@@ -179,6 +182,38 @@ def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch):
             assert not got  # waited, then went on without it
     with other.held() as got:
         assert got
+
+
+def test_without_the_slot_lock_a_trial_over_the_budget_is_failed_at_once(tmp_path, monkeypatch):
+    """A worker that could not get the slot lock asks anyway, then counts the trials before its
+    own that hold slots: when another worker took the last slot between its count and its ask,
+    its trial ends FAIL with the reason and it waits. Under the lock that race cannot happen,
+    and the trial is taken as asked."""
+    run = Run(tmp_path, monkeypatch)  # budget 3
+    run.study.tell(run.study.ask(), 0.5)  # 0
+    run.study.tell(run.study.ask(), state=TrialState.FAIL)  # 1: holds no slot
+    other = optuna.load_study(study_name="s", storage=run.url)
+    plain_ask = run.study.ask
+
+    def another_worker_first(*args, **kwargs):
+        other.ask()  # a slot taken between this worker's count and its ask
+        return plain_ask(*args, **kwargs)
+
+    monkeypatch.setattr(run.study, "ask", another_worker_first)
+    stuck = SlotLock(open_storage(run.url), run.url, "s")
+    stuck.WAIT_S = 0.1
+    with run.lock.held():  # another worker holds the lock throughout
+        fits = take_slot(run.study, stuck)  # 2 is the other's; before 3: slots 0 and 2, of 3
+        assert not isinstance(fits, str) and fits.number == 3
+        run.study.tell(fits, 0.5)
+        run.study.tell(2, state=TrialState.FAIL)
+        assert take_slot(run.study, stuck) == WAIT  # 4 the other's; before 5: 0, 3, 4
+    over = run.study.trials[5]
+    assert over.state == TrialState.FAIL
+    assert over.user_attrs["fail_reason"] == "over budget: another worker took the last slot"
+    run.study.tell(4, state=TrialState.FAIL)
+    taken = take_slot(run.study, run.lock)  # under the lock: no count after the ask
+    assert not isinstance(taken, str) and taken.number == 7
 
 
 def finished(study, values):
