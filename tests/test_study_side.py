@@ -128,6 +128,7 @@ def test_pruned_diverged_and_interrupted_trials(tmp_path, monkeypatch, caplog):
     run = Run(tmp_path, monkeypatch, pruner=always)
     trial, _ = run.trial(**GOOD)
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    caplog.clear()  # only this trial's lines
     with caplog.at_level(logging.INFO, logger="segsearch.lifecycle"):
         trial, _ = run.trial(patch_size=16, lr=1.0e30)
     assert trial.state == TrialState.FAIL
