@@ -57,8 +57,12 @@ MODULE_TESTS = {
     "segsearch.storage": ["test_study_side.py", "test_bad_input.py"],
     "segsearch.launcher": ["test_launcher.py"],
 }
-# functions that run only in a forked child -> the tests that fork them
+# functions mutmut cannot pair with their tests -> those tests: run only in a forked child
+# (run_command), or reached only from another module's test file (the real fork server)
 CHILD_ONLY = {
+    "segsearch.launcher.x_fork_server": [
+        "tests/test_plan.py::test_check_prints_the_planned_space_for_a_data_folder",
+    ],
     "segsearch.launcher.x_run_command": [
         "tests/test_launcher.py::test_run_command_runs_a_script_as_a_new_process_would",
         "tests/test_launcher.py::test_a_launch_runs_its_workers_until_the_budget_is_met",

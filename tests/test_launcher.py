@@ -192,8 +192,8 @@ def test_supervise_restarts_crashed_workers_up_to_a_cap(run, monkeypatch, capsys
 
 
 def ending(run, monkeypatch, codes: list[int], timeout: float | None = None) -> Launcher:
-    """A launcher whose workers exit at once with `codes`."""
-    lau = Launcher("s", run.url, len(codes), [], quiet=True, timeout=timeout)
+    """A launcher whose workers exit at once with `codes` (not quiet: its progress printed)."""
+    lau = Launcher("s", run.url, len(codes), [], quiet=False, timeout=timeout)
     monkeypatch.setattr(lau, "start", lambda i: lau.procs.__setitem__(i, Exited(codes[i])))
     return lau
 
@@ -390,8 +390,12 @@ def test_check_installed_refuses_without_the_distribution(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(UserError, match=r"not installed in this Python: run `pip install -e \.`"):
+    with pytest.raises(UserError) as error:
         launcher.check_installed()
+    assert str(error.value) == (
+        "train_optuna is not installed in this Python: run `pip install -e "
+        ".` in the repository (README, set-up) before starting workers"
+    )
 
 
 def test_stop_with_nothing_running_and_progress_lines(run, capsys):

@@ -111,7 +111,9 @@ def test_a_trial_completes_with_its_best_patch_miou_and_a_checkpoint(
     assert trial.user_attrs["config"]["patch_size"] == 16 and trial.user_attrs["sampler_seed"] == 7
     assert trial.user_attrs["pid"] == os.getpid() and "slurm_task" not in trial.user_attrs
     assert trial.user_attrs["host"] == socket.gethostname()
-    assert trial.user_attrs["precision"] == precision_for(CPU)
+    assert (
+        trial.user_attrs["precision"] == precision_for(CPU) and trial.user_attrs["device"] == "cpu"
+    )
     assert trial.user_attrs["threads"] == torch.get_num_threads()
     assert set(checkpoints(run.study)) == {trial._trial_id}
     _, payload = load_checkpoint(run.study, trial, run.store, CPU)
@@ -973,3 +975,29 @@ def test_a_retry_trains_on_from_the_saved_state(tmp_path, monkeypatch):
     monkeypatch.setattr(segcore.train, "train", recorded)
     resumed, _ = run.trial()
     assert resumed.state == TrialState.COMPLETE and resumed_from == [0]
+
+
+def test_drop_states_keeps_what_a_running_or_waiting_trial_can_resume_from(tmp_path, monkeypatch):
+    import datetime
+
+    import segsearch.resume
+    from segsearch.lifecycle import PREEMPTED, retry
+    from segsearch.resume import Saver, drop_states, states
+
+    monkeypatch.setattr(segsearch.resume, "GRACE", datetime.timedelta(0))  # no recent failures
+    run = Run(tmp_path, monkeypatch)
+    run.study.set_user_attr("n_trials", 100)
+
+    def with_a_state():
+        trial = take_slot(run.study, run.lock)
+        Saver(run.study, trial._trial_id, run.store)({"epoch": 0})
+        return trial
+
+    running = with_a_state()
+    gone = with_a_state()
+    run.study.tell(gone, state=TrialState.FAIL)  # not retried: nothing resumes from it
+    stopped = with_a_state()
+    run.study.tell(stopped, state=TrialState.FAIL)
+    retry(run.study, run.study.trials[stopped.number], PREEMPTED)  # its retry waits
+    drop_states(run.study, run.store)
+    assert set(states(run.study)) == {running._trial_id, stopped._trial_id}

@@ -226,6 +226,7 @@ def test_defaults_a_bar_zscore_the_width_cap_and_the_schedule(data, capsys):
     pattern = r"epoch {}/2: loss \d\.\d{{4}}, validation patch mIoU 0\.\d{{4}}, \d+\.\d s"
     assert len(lines) == 2
     assert all(re.fullmatch(pattern.format(e), line) for e, line in zip((1, 2), lines))
+    assert all(float(line.split(", ")[-1][:-2]) < 60 for line in lines)  # this epoch's seconds
     assert all(0 <= h["seconds"] < 60 for h in result.history)
     assert result.norm == ZSCORE
     assert max(t.shape[0] for t in result.state_dict.values() if t.ndim == 4) == 8
