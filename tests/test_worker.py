@@ -22,6 +22,9 @@ import segsearch.worker
 from segsearch.interrupts import Interrupts
 from segsearch.worker import DEADLINE_ENV, GAVE_UP, GIVE_UP_AFTER, run_worker
 
+# whole worker loops with real signals: the slow layer, and mutation testing runs them too
+pytestmark = [pytest.mark.slow, pytest.mark.mutation]
+
 
 @pytest.fixture(autouse=True)
 def handlers(monkeypatch):
