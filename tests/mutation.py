@@ -5,11 +5,11 @@ small thing at a time in the modules pyproject.toml names (segcore's metrics, st
 inference, patches, augmentation table, data split and training loop; segsearch's space
 validation, checkpoint keeping, worker loop, trial lifecycle, resume, storage and launcher), and
 runs the tests of `pytest -m "not slow or mutation"` (the quick layer and the slow tests that
-call the code in-process, tests/test_launcher.py) that reach the changed function, of the
-module's own test files (MODULE_TESTS: a module is judged by its unit tests, not by every test whose fixture
-happens to call it; the study-side fixture reaches space, data and storage, which made each of
-their mutants run twenty seconds of lifecycle tests). A mutant the tests fail on (or time out on)
-is killed; one they pass survives. Mutants that change no behaviour are listed, with why, in
+call the code in-process: test_launcher.py, test_worker.py) that reach the changed function, of
+the module's own test files (MODULE_TESTS: a module is judged by its unit tests, not by every
+test whose fixture happens to call it; the study-side fixture reaches space, data and storage,
+which made each of their mutants run twenty seconds of lifecycle tests). A mutant the tests
+fail on (or time out on) is killed; one they pass survives. Mutants that change no behaviour are listed, with why, in
 tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes a while).
 
     python tests/mutation.py            # run mutmut, then print the table (docs/testing.md)
@@ -18,8 +18,9 @@ tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes
 
 A test process that hangs or loops is stopped and counts as a timeout (stop_stuck_mutants).
 mutmut picks a mutant's tests by the calls it saw in the test process, so a function that runs
-only in a forked child (CHILD_ONLY) has "no tests": its mutants are run here against the tests
-that fork it, the same way (mutmut's name in MUTANT_UNDER_TEST, the mutants' copy of the code).
+only in a forked child, or that only another module's test file reaches, has "no tests"
+(TESTS_ELSEWHERE): its mutants are run here against those tests, the same way (mutmut's name in
+MUTANT_UNDER_TEST, the mutants' copy of the code).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ MODULE_TESTS = {
 }
 # functions mutmut cannot pair with their tests -> those tests: run only in a forked child
 # (run_command), or reached only from another module's test file (the real fork server)
-CHILD_ONLY = {
+TESTS_ELSEWHERE = {
     "segsearch.launcher.x_fork_server": [
         "tests/test_plan.py::test_check_prints_the_planned_space_for_a_data_folder",
     ],
@@ -137,7 +138,7 @@ def main() -> int:
         while run.poll() is None:
             stop_stuck_mutants()
             time.sleep(10)
-        run_child_only(set(args.names))
+        run_tests_elsewhere(set(args.names))
     return report()
 
 
@@ -167,11 +168,11 @@ def run_mutmut(names: list[str]) -> int:
     return mutmut.cli(["run", "--max-children", "2", *names], standalone_mode=False) or 0
 
 
-def run_child_only(names: set[str]) -> None:
-    """CHILD_ONLY's mutants that mutmut found no tests for (or `names`), against their tests,
+def run_tests_elsewhere(names: set[str]) -> None:
+    """TESTS_ELSEWHERE's mutants that mutmut found no tests for (or `names`), against those tests,
     after a clean run of the same tests (a failing setup would otherwise kill every mutant)."""
 
-    def tests_pass(tests: list[str], mutant: str) -> int:
+    def exit_status(tests: list[str], mutant: str) -> int:
         env = {**os.environ, "MUTANT_UNDER_TEST": mutant}
         command = [sys.executable, "-m", "pytest", "-x", "-n", "0", "-q", "-p", "no:cacheprovider"]
         run = subprocess.run([*command, *tests], cwd=ROOT / "mutants", env=env, check=False,
@@ -181,19 +182,20 @@ def run_child_only(names: set[str]) -> None:
     clean = set()
     for module, codes in results().items():
         meta = ROOT / "mutants" / f"{module}.meta"
-        data = json.loads(meta.read_text())
+        data, changed = json.loads(meta.read_text()), False
         for name, code in codes.items():
-            tests = CHILD_ONLY.get(name.partition("__mutmut_")[0])
+            tests = TESTS_ELSEWHERE.get(name.partition("__mutmut_")[0])
             if not tests or (code not in (None, 33) and name not in names):
                 continue
             if tuple(tests) not in clean:
-                if tests_pass(tests, "") != 0:
+                if exit_status(tests, "") != 0:
                     sys.exit(f"the tests of {name} fail without a mutant: {tests}")
                 clean.add(tuple(tests))
-            data["exit_code_by_key"][name] = tests_pass(tests, name)
+            data["exit_code_by_key"][name], changed = exit_status(tests, name), True
             killed = data["exit_code_by_key"][name] in KILLED
             print(f"{name}: {'killed' if killed else 'survived'}", flush=True)
-        meta.write_text(json.dumps(data))
+        if changed:
+            meta.write_text(json.dumps(data))
 
 
 def stop_stuck_mutants(hung_s: int = 120, longest_s: int = 300) -> None:
