@@ -10,7 +10,8 @@ the module's own test files (MODULE_TESTS: a module is judged by its unit tests,
 test whose fixture happens to call it; the study-side fixture reaches space, data and storage,
 which made each of their mutants run twenty seconds of lifecycle tests). A mutant the tests
 fail on (or time out on) is killed; one they pass survives. Mutants that change no behaviour
-are listed, with why, in tests/equivalent_mutants.txt and left out of the score. Not part of CI (it takes a while).
+are listed, with why, in tests/equivalent_mutants.txt and left out of the score. Not part of
+CI (it takes a while).
 
     python tests/mutation.py            # run mutmut, then print the table (docs/testing.md)
     python tests/mutation.py --report   # only the table, from the last run's results
