@@ -278,13 +278,15 @@ def tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
 
 def retry(study: optuna.Study, trial: FrozenTrial, kind: str) -> bool:
     """4. Fail or retry: queue a WAITING copy of a stopped trial (its parameters, user
-    attributes, reported values and completed rungs), unless its lineage has met the cap of
-    this kind of stop. Returns whether a retry was queued."""
+    attributes, reported values and completed rungs, not its files), unless its lineage has met
+    the cap of this kind of stop. Returns whether a retry was queued."""
     kinds = [*trial.system_attrs.get(KINDS, []), kind]
     if kinds.count(kind) > CAPS[kind]:
         log.warning("trial %d: not retried, %s %d times (the cap)", trial.number, kind, CAPS[kind])
         return False
-    system = {"failed_trial": trial.number, **trial.system_attrs,
+    # not the files upload_artifact listed on its page ("artifacts:" keys, optuna 5.0)
+    kept = {k: v for k, v in trial.system_attrs.items() if not k.startswith("artifacts:")}
+    system = {"failed_trial": trial.number, **kept,
               "retry_history": [*lineage(trial), trial.number], KINDS: kinds}  # fmt: skip
     study.add_trial(
         optuna.create_trial(state=TrialState.WAITING, params=trial.params,

@@ -488,6 +488,8 @@ def test_a_worker_killed_while_dropping_its_older_state_resumes_from_the_newer(
     waiting = run.study.get_trials(states=(TrialState.WAITING,))[0]
     state, _ = find_state(run.study, waiting, run.store)
     Saver(run.study, stopped._trial_id, run.store)({**state, "epoch": 1})  # the newer, listed
+    both, _ = find_state(run.study, waiting, run.store)  # killed before the older was dropped
+    assert both["epoch"] == 1  # the newer of the two
     run.store.remove(older)  # the kill: the older file is gone, its listing stays
     assert len(states(run.study)[stopped._trial_id]) == 2
     again, since = find_state(run.study, waiting, run.store)
@@ -562,16 +564,19 @@ def test_a_model_over_the_limits_is_pruned_before_it_trains(tmp_path, monkeypatc
     raw["search"]["base_width"] = {"type": "categorical", "choices": [2, 8]}
     raw["fixed"].pop("base_width")
     raw["study"]["sampler"] = {"name": "tpe"}
-    raw["constraints"] = {"max_params": 500}  # width 2 fits, width 8 does not
+    raw["constraints"] = {"max_params": 500, "max_gflop_per_patch": 0.0005}  # width 2 fits both
     run = Run(tmp_path, monkeypatch, raw=raw)
     assert run.study.sampler._constraints_func is not None  # TPE learns where the limit is
     big, _ = run.trial(patch_size=16, lr=0.05, base_width=8)
     assert big.state == TrialState.PRUNED and not big.intermediate_values
-    assert big.user_attrs["pruned_reason"].startswith("over the space's limits: params ")
-    assert "above max_params 500" in big.user_attrs["pruned_reason"]
+    assert big.user_attrs["pruned_reason"] == (  # width 8 breaks both, said in one line
+        "over the space's limits: params 3907 above max_params 500; "
+        "gflop_per_patch 0.001409 above max_gflop_per_patch 0.0005"
+    )
     small, _ = run.trial(patch_size=16, lr=0.05, base_width=2)
     assert small.state == TrialState.COMPLETE and small.user_attrs["params"] <= 500
-    assert big.system_attrs["constraints"][0] > 0 >= small.system_attrs["constraints"][0]
+    assert all(v > 0 for v in big.system_attrs["constraints"])
+    assert all(v <= 0 for v in small.system_attrs["constraints"])
 
 
 def test_progress_lines_without_a_terminal_and_a_bar_on_one():
@@ -975,6 +980,33 @@ def test_a_retry_trains_on_from_the_saved_state(tmp_path, monkeypatch):
     monkeypatch.setattr(segcore.train, "train", recorded)
     resumed, _ = run.trial()
     assert resumed.state == TrialState.COMPLETE and resumed_from == [0]
+
+
+def test_a_retry_stopped_before_its_first_save_keeps_the_curves_it_resumed_with(
+    tmp_path, monkeypatch
+):
+    """Ctrl-C during the retry's first epoch: its curves are those of the state it resumed
+    from (epoch 0 of the stopped trial), not none."""
+    import segcore.train
+
+    raw = json.loads(json.dumps(SPACE))
+    raw["fixed"]["epochs"] = 3
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    run.study.set_user_attr("n_trials", 2)
+    stopped, _ = run.trial(deadline=0.0, **GOOD)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(segcore.train, "train", interrupted)
+    again, outcome = run.trial()
+    assert again.state == TrialState.FAIL and outcome.retry
+    assert again.user_attrs["resumed_from"] == {"trial": stopped.number, "epoch": 0}
+    assert [h["epoch"] for h in again.user_attrs["history"]] == [0]
+    metas = optuna.artifacts.get_all_artifact_meta(again, storage=run.study._storage)
+    (curves,) = [m for m in metas if m.filename == "curves.csv"]  # on its own page too
+    text = (tmp_path / "storage" / "s" / "artifacts" / curves.artifact_id).read_text()
+    assert [line.split(",")[0] for line in text.splitlines()] == ["epoch", "1"]
 
 
 def test_drop_states_keeps_what_a_running_or_waiting_trial_can_resume_from(tmp_path, monkeypatch):
