@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -347,6 +348,9 @@ def test_run_command_runs_a_script_as_a_new_process_would(tmp_path):
     assert seen["env"] == {"ONLY": "this"} and seen["cwd"] == str(tmp_path / "here")
     assert out.read_text() == "before\nto the log\n"  # appended
     assert err.read_text() == "to the error log\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(err.stat().st_mode) == 0o644 & ~umask  # a new log: rw-r--r--
     assert in_child(run_command, [str(script)], {}, str(out), None, str(tmp_path)) == 7
     assert out.read_text().endswith("to the log\nto the error log\n")  # one log for both
 
@@ -371,6 +375,7 @@ def test_a_worker_asks_to_die_with_its_launcher(monkeypatch):
     launcher_process.start()
     monkeypatch.setenv(PARENT_ENV, str(launcher_process.pid))
     assert in_child(pdeathsig_after_die_with_launcher) == signal.SIGTERM
+    launcher_process.join(0.5)  # a signal sent would have ended it by now
     assert launcher_process.is_alive()  # only asked whether it is there
     launcher_process.kill()
     launcher_process.join()

@@ -116,6 +116,7 @@ def test_seconds_become_steps_from_the_measured_step_time_and_a_resumed_run_keep
     assert budgeted(plain, data, torch.device("cpu")) == (plain, None)  # steps as given
 
 
+@pytest.mark.slow  # the CLI in a process, measuring steps (tests/mutation.py runs it by name)
 def test_check_prints_the_planned_space_for_a_data_folder(tmp_path):
     from PIL import Image
 

@@ -231,9 +231,32 @@ def test_a_folder_naming_the_classes_in_another_order_is_mapped_by_name(tmp_path
     swapped = {"classes": ["background", "ellipse", "line"], "values": [0, 1, 2],
                "colors": [[0, 0, 0], [0, 255, 0], [255, 0, 0]]}  # fmt: skip
     (other / "labels.json").write_text(json.dumps(swapped))
-    ds = load_folder(other, trained)
+    cache = tmp_path / "cache"
+    own = load_folder(other, cache=cache)  # its own order, cached
+    assert own.masks[0][2, 0] == 2 and own.masks[0][11, 11] == 1
+    ds = load_folder(other, trained, cache)  # the same file decoded another way: not the cached
     assert ds.classes == ["background", "line", "ellipse"]
     assert ds.masks[0][2, 0] == 1 and ds.masks[0][11, 11] == 2  # by name, not by position
+
+
+def test_a_folders_declared_axes_win_and_a_models_fill_in(tmp_path):
+    """The axes a data folder's labels.json declares are how its images are read, with or
+    without a model's mapping; where it declares none, the model's are used."""
+    from dataclasses import replace
+
+    from segcore.data import folder_labels
+
+    both = np.zeros((H, W), np.uint8)
+    both[2, :] = 1
+    trained = load_folder(rgb_folder(tmp_path / "trained", [both])).labels
+    named = rgb_folder(tmp_path / "named", [both])  # declares the classes, no axes
+    _, decoded, remap = folder_labels(named, replace(trained, axes="YXC"), [])
+    assert decoded.classes == trained.classes and remap is None and decoded.axes == "YXC"
+    bare = rgb_folder(tmp_path / "bare", [both], labels=False)
+    (bare / "labels.json").write_text(json.dumps({"axes": "YXC"}))  # only the layout
+    mapping, decoded, remap = folder_labels(bare, trained, [])
+    assert mapping == trained and remap is None
+    assert decoded == replace(trained, axes="YXC")
 
 
 def test_grey_masks_decode_with_the_models_values(tmp_path):
@@ -281,6 +304,9 @@ def test_percentile_normalisation_is_fitted_on_the_images_given():
     seen = data.normalized(norm).images[1]
     assert seen[0:1, 0:1][0, 0, 0] == pytest.approx((1000 - norm.low[0]) / (norm.high[0]
                                                                            - norm.low[0]))  # fmt: skip
+    assert np.asarray(seen).dtype == np.float32  # as numpy asks for it, in the type asked
+    assert np.asarray(seen, dtype=np.float16).dtype == np.float16
+    assert np.array_equal(np.asarray(seen, dtype=np.float16), np.asarray(seen).astype(np.float16))
 
 
 def test_the_decode_cache_maps_each_file_once_and_follows_changes(tmp_path):

@@ -96,6 +96,18 @@ def test_config_from_fits_the_depth_whichever_of_patch_size_and_depth_is_given()
         ({"search": {"depth": {"type": "int", "low": 3, "high": 4}}, "fixed": {"patch_size": 36}},
          ("patch_size 36: no depth in [3, 4] divides it (a patch must be a multiple of 2**depth "
           "and at least twice it)")),
+        ({"search": {"depth": {"type": "int", "low": 4, "high": 4}}, "fixed": {"patch_size": 16}},
+         ("patch_size 16: no depth in [4] divides it (a patch must be a multiple of 2**depth "
+          "and at least twice it)")),  # a multiple, but not twice it
+        ({"search": {"depth": {"type": "int", "low": 2, "high": 7}}, "fixed": {"patch_size": 64}},
+         "config field 'depth': must be from 1 to 6, got 7"),  # refused, not fitted to 5
+        # the first and the last of every searched field make the corner configs
+        ({"search": {"base_width": {"type": "categorical", "choices": [32, 8, 16]}},
+          "fixed": {"max_width": 16}},
+         "config field 'max_width': must be at least base_width (32), got 16"),
+        ({"search": {"base_width": {"type": "categorical", "choices": [8, 16, 32]}},
+          "fixed": {"max_width": 16}},
+         "config field 'max_width': must be at least base_width (32), got 16"),
     ],
 )  # fmt: skip
 def test_section_errors_name_the_section_and_field(extra, message):
