@@ -490,6 +490,12 @@ def test_a_worker_killed_while_dropping_its_older_state_resumes_from_the_newer(
     Saver(run.study, stopped._trial_id, run.store)({**state, "epoch": 1})  # the newer, listed
     both, _ = find_state(run.study, waiting, run.store)  # killed before the older was dropped
     assert both["epoch"] == 1  # the newer of the two
+    (newer,) = {a for _, a in states(run.study)[stopped._trial_id]} - {older}
+    files = tmp_path / "storage" / "s" / "artifacts"
+    (files / newer).rename(tmp_path / "aside")  # the newer's file gone (listed in either order)
+    only, _ = find_state(run.study, waiting, run.store)
+    assert only["epoch"] == 0  # the one still there
+    (tmp_path / "aside").rename(files / newer)
     run.store.remove(older)  # the kill: the older file is gone, its listing stays
     assert len(states(run.study)[stopped._trial_id]) == 2
     again, since = find_state(run.study, waiting, run.store)
