@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import optuna
@@ -175,16 +176,38 @@ def test_tell_after_the_heartbeat_failed_the_trial_goes_on(tmp_path, monkeypatch
     assert run.study.trials[0].state == TrialState.FAIL and "failed meanwhile" in caplog.text
 
 
-def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch):
+def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch, caplog):
     run = Run(tmp_path, monkeypatch)
     other = SlotLock(open_storage(run.url), run.url, "s")
     other.WAIT_S = 0.2
     with run.lock.held() as held:
         assert held
-        with other.held() as got:
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="segsearch.storage"), other.held() as got:
             assert not got  # waited, then went on without it
+        assert time.monotonic() - start >= 0.2
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.storage"]
+    assert said == ["no trial-slot lock in 0 s; going on without it"]
     with other.held() as got:
         assert got
+    caplog.clear()
+    gone = f"sqlite:///{tmp_path}/gone/s.db"  # a folder that cannot be opened: no flock there
+    lock = SlotLock(run.storage, gone, "s")
+    with caplog.at_level(logging.WARNING, logger="segsearch.storage"), lock.held() as got:
+        assert not got
+    said = [r.getMessage() for r in caplog.records if r.name == "segsearch.storage"]
+    assert len(said) == 1 and said[0].startswith("no trial-slot lock ([Errno 2] ")
+
+
+def test_the_postgresql_lock_key_is_one_signed_64_bit_number_per_study(tmp_path, monkeypatch):
+    """pg_try_advisory_lock takes a bigint: the key of a study's name is the same in every
+    worker on every machine (not Python's salted hash), fits a bigint, and differs by study."""
+    run = Run(tmp_path, monkeypatch)
+    url = "postgresql://user@host/db"
+    keys = [SlotLock(run.storage, url, f"study-{i}")._key for i in range(32)]
+    assert all(-(2**63) <= k < 2**63 for k in keys) and len(set(keys)) == 32
+    assert any(k < 0 for k in keys) and any(k > 0 for k in keys)  # the whole signed range
+    assert SlotLock(run.storage, url, "s")._key == -2651867005668100709
 
 
 def test_without_the_slot_lock_a_trial_over_the_budget_is_failed_at_once(tmp_path, monkeypatch):
