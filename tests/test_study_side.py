@@ -199,6 +199,24 @@ def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch, caplog):
     assert len(said) == 1 and said[0].startswith("no trial-slot lock ([Errno 2] ")
 
 
+@pytest.mark.slow
+@pytest.mark.mutation
+def test_slot_lock_on_postgresql_is_an_advisory_lock_per_study(postgres_url):
+    """Workers on many machines share the lock through PostgreSQL: one holder per study, another
+    study's lock free meanwhile, released at the end of the block."""
+    first, second, other = (SlotLock(open_storage(postgres_url), postgres_url, name)
+                            for name in ("s", "s", "t"))  # fmt: skip
+    second.WAIT_S = 0.2
+    with first.held() as held:
+        assert held
+        with second.held() as got:
+            assert not got and second._con is None  # waited, then went on without it
+        with other.held() as got:
+            assert got
+    with second.held() as got:
+        assert got
+
+
 def test_the_postgresql_lock_key_is_one_signed_64_bit_number_per_study(tmp_path, monkeypatch):
     """pg_try_advisory_lock takes a bigint: the key of a study's name is the same in every
     worker on every machine (not Python's salted hash), fits a bigint, and differs by study."""
