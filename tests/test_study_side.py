@@ -4,6 +4,7 @@ SQLite file; tiny models on tiny images, so each test takes well under a second 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from segsearch.interrupts import Interrupts
 from segsearch.lifecycle import DONE, INTERRUPTED, WAIT, Context, take_slot, tell, work
 from segsearch.rescore import score
 from segsearch.space import parse_space
-from segsearch.storage import SlotLock, open_storage
+from segsearch.storage import POOL_SIZE, SlotLock, open_storage
 from segsearch.study import create_study, load_splits, study_splits, warm_start_params
 
 torch.set_num_threads(1)
@@ -191,8 +192,11 @@ def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch, caplog):
     with other.held() as got:
         assert got
     caplog.clear()
-    gone = f"sqlite:///{tmp_path}/gone/s.db"  # a folder that cannot be opened: no flock there
-    lock = SlotLock(run.storage, gone, "s")
+    (tmp_path / "gone").mkdir()
+    lock = SlotLock(run.storage, f"sqlite:///{tmp_path}/gone/s.db", "s")
+    with lock.held() as got:
+        assert got
+    (tmp_path / "gone").rmdir()  # a folder that cannot be opened any more: no flock there
     with caplog.at_level(logging.WARNING, logger="segsearch.storage"), lock.held() as got:
         assert not got
     said = [r.getMessage() for r in caplog.records if r.name == "segsearch.storage"]
@@ -204,8 +208,10 @@ def test_slot_lock_excludes_a_second_holder(tmp_path, monkeypatch, caplog):
 def test_slot_lock_on_postgresql_is_an_advisory_lock_per_study(postgres_url):
     """Workers on many machines share the lock through PostgreSQL: one holder per study, another
     study's lock free meanwhile, released at the end of the block."""
-    first, second, other = (SlotLock(open_storage(postgres_url), postgres_url, name)
-                            for name in ("s", "s", "t"))  # fmt: skip
+    first, second, other = (
+        SlotLock(open_storage(postgres_url), postgres_url, name) for name in ("s", "s", "t")
+    )  # three processes, each its own pool
+    assert first._engine.pool.size() == POOL_SIZE  # a small pool per process
     second.WAIT_S = 0.2
     with first.held() as held:
         assert held
@@ -215,6 +221,36 @@ def test_slot_lock_on_postgresql_is_an_advisory_lock_per_study(postgres_url):
             assert got
     with second.held() as got:
         assert got
+    with first.held() as held:  # its connection dropped while held: so is the lock, quietly
+        assert held
+        first._con.invalidate()
+    with second.held() as got:
+        assert got
+
+
+def test_an_existing_sqlite_file_is_only_read_before_optuna_writes_to_it_and_gets_wal(tmp_path):
+    import sqlite3
+
+    from segsearch.storage import check_url
+
+    def url(name: str) -> str:
+        return f"sqlite:///{tmp_path / name}"
+
+    (tmp_path / "empty.db").write_bytes(b"")  # an empty file is an empty database
+    assert check_url(url("empty.db")) == (url("empty.db"), {"connect_args": {"timeout": 60}})
+    (tmp_path / "notes.db").write_text("my notes\n" * 20)
+    with pytest.raises(UserError, match=r"not an SQLite database \(file is not a database\)"):
+        check_url(url("notes.db"))
+    with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as con:
+        con.execute("CREATE TABLE t (x)")
+    before = (tmp_path / "other.db").read_bytes()
+    with pytest.raises(UserError, match="an SQLite database without Optuna's tables"):
+        check_url(url("other.db"))
+    assert (tmp_path / "other.db").read_bytes() == before
+    open_storage(url("new.db"))
+    with contextlib.closing(sqlite3.connect(tmp_path / "new.db")) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # readers while writing
+    assert check_url(url("new.db"))[0] == url("new.db")  # optuna's own: taken
 
 
 def test_the_postgresql_lock_key_is_one_signed_64_bit_number_per_study(tmp_path, monkeypatch):
