@@ -239,8 +239,12 @@ def test_an_existing_sqlite_file_is_only_read_before_optuna_writes_to_it_and_get
     (tmp_path / "empty.db").write_bytes(b"")  # an empty file is an empty database
     assert check_url(url("empty.db")) == (url("empty.db"), {"connect_args": {"timeout": 60}})
     (tmp_path / "notes.db").write_text("my notes\n" * 20)
-    with pytest.raises(UserError, match=r"not an SQLite database \(file is not a database\)"):
+    with pytest.raises(UserError) as e:
         check_url(url("notes.db"))
+    assert (
+        str(e.value)
+        == f"--storage {url('notes.db')}: not an SQLite database (file is not a database)"
+    )
     with contextlib.closing(sqlite3.connect(tmp_path / "other.db")) as con:
         con.execute("CREATE TABLE t (x)")
     before = (tmp_path / "other.db").read_bytes()
@@ -251,6 +255,67 @@ def test_an_existing_sqlite_file_is_only_read_before_optuna_writes_to_it_and_get
     with contextlib.closing(sqlite3.connect(tmp_path / "new.db")) as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # readers while writing
     assert check_url(url("new.db"))[0] == url("new.db")  # optuna's own: taken
+
+
+def test_postgresql_urls_are_checked_and_given_a_small_pool():
+    from segsearch.storage import check_url
+
+    pool = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600,
+            "connect_args": {"connect_timeout": 10}}  # fmt: skip
+    assert check_url("postgres://u@h/db") == ("postgresql+psycopg://u@h/db", pool)
+    for url in ("postgresql://user@host/db?application_name=a://b@c@d",
+                "postgresql://user@host/db?application_name=b@c/d"):  # fmt: skip
+        assert check_url(url)[0] == url.replace("postgresql://", "postgresql+psycopg://")
+    with pytest.raises(UserError) as e:  # only an '@' before the host is the password's
+        check_url("postgresql://user:p@ss@host/db")
+    assert str(e.value).endswith(": an '@' in the password must be written %40")
+
+
+def test_open_storage_retries_only_a_schema_race_and_says_in_one_line_what_failed(
+    tmp_path, monkeypatch
+):
+    import segsearch.storage
+
+    slept = []
+    monkeypatch.setattr(segsearch.storage.time, "sleep", slept.append)
+    with pytest.raises(UserError) as e:  # nothing listens there: said at once
+        open_storage("postgresql://u:secret@127.0.0.1:1/db")
+    said = str(e.value)
+    assert said.startswith("--storage postgresql+psycopg://u:***@127.0.0.1:1/db: cannot open (")
+    assert "\n" not in said and "secret" not in said and slept == []
+    url = f"sqlite:///{tmp_path}/s.db"
+    plain, errors = optuna.storages.RDBStorage, []
+
+    def failing(*args, **kwargs):
+        if errors:
+            raise errors.pop(0)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", failing)
+    race = RuntimeError("(sqlite3.OperationalError) table studies already exists\n[SQL: x]")
+    errors[:] = [race] * 5  # another process is creating the tables: tried again
+    open_storage(url)
+    assert slept == [0.5, 1.0, 1.5, 2.0, 2.0]
+    slept.clear()
+    errors[:] = [RuntimeError("database is locked " + "x" * 300 + "\nmore")] * 10  # for good
+    with pytest.raises(UserError) as e:
+        open_storage(url)
+    assert str(e.value) == f"--storage {url}: cannot open (database is locked {'x' * 181})"
+    assert len(slept) == 9
+    errors[:] = [RuntimeError()]  # no message: its type
+    with pytest.raises(UserError, match=r": cannot open \(RuntimeError\)$"):
+        open_storage(url)
+
+
+def test_a_database_of_another_optuna_schema_is_refused_on_its_first_open(tmp_path):
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    optuna.storages.RDBStorage(url)
+    with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as con, con:
+        con.execute("UPDATE alembic_version SET version_num = 'v0.9.0.a'")
+    with pytest.raises(UserError, match="is no longer compatible with the table schema"):
+        open_storage(url)
 
 
 def test_the_postgresql_lock_key_is_one_signed_64_bit_number_per_study(tmp_path, monkeypatch):
