@@ -17,6 +17,9 @@ CI (it takes a while).
     python tests/mutation.py --report   # only the table, from the last run's results
     python tests/mutation.py NAME ...   # run these mutants again (after new tests), then the table
 
+Export TRAIN_OPTUNA_TEST_POSTGRES first (`.ci/postgres` prints it): the slot lock's PostgreSQL
+test is skipped without it, and the lock's PostgreSQL branch survives.
+
 A test process that hangs or loops is stopped and counts as a timeout (stop_stuck_mutants).
 mutmut picks a mutant's tests by the calls it saw in the test process, so a function that runs
 only in a forked child, or that only another module's test file reaches, has "no tests"
