@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from segsearch.interrupts import Interrupts
 from segsearch.lifecycle import DONE, INTERRUPTED, WAIT, Context, take_slot, tell, work
 from segsearch.rescore import score
 from segsearch.space import parse_space
-from segsearch.storage import POOL_SIZE, SlotLock, open_storage
+from segsearch.storage import POOL_SIZE, SlotLock, check_url, open_storage
 from segsearch.study import create_study, load_splits, study_splits, warm_start_params
 
 torch.set_num_threads(1)
@@ -229,10 +230,6 @@ def test_slot_lock_on_postgresql_is_an_advisory_lock_per_study(postgres_url):
 
 
 def test_an_existing_sqlite_file_is_only_read_before_optuna_writes_to_it_and_gets_wal(tmp_path):
-    import sqlite3
-
-    from segsearch.storage import check_url
-
     def url(name: str) -> str:
         return f"sqlite:///{tmp_path / name}"
 
@@ -258,8 +255,6 @@ def test_an_existing_sqlite_file_is_only_read_before_optuna_writes_to_it_and_get
 
 
 def test_postgresql_urls_are_checked_and_given_a_small_pool():
-    from segsearch.storage import check_url
-
     pool = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600,
             "connect_args": {"connect_timeout": 10}}  # fmt: skip
     assert check_url("postgres://u@h/db") == ("postgresql+psycopg://u@h/db", pool)
@@ -308,8 +303,6 @@ def test_open_storage_retries_only_a_schema_race_and_says_in_one_line_what_faile
 
 
 def test_a_database_of_another_optuna_schema_is_refused_on_its_first_open(tmp_path):
-    import sqlite3
-
     url = f"sqlite:///{tmp_path}/old.db"
     optuna.storages.RDBStorage(url)
     with contextlib.closing(sqlite3.connect(tmp_path / "old.db")) as con, con:
