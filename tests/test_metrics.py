@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -80,3 +81,14 @@ def test_bootstrap_intervals_are_reproducible_and_seeded():
     once = bootstrap_miou(cms, resamples=200)
     assert bootstrap_miou(cms, resamples=200) == once == bootstrap_miou(cms, None, 200, 0)
     assert bootstrap_miou(cms, None, 200, 1) != once
+
+
+def test_read_only_labels_are_counted_without_a_warning_in_the_log():
+    # the decoded-image cache is memory-mapped read-only; torch warns once per process about
+    # wrapping such an array, a line that used to land in every search log
+    truth = np.array([[0, 1], [2, 2]])
+    truth.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = confusion_matrix(truth.copy(), truth, 3)
+    assert cm.trace() == 4 and not truth.flags.writeable
