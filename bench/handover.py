@@ -110,7 +110,8 @@ def main() -> None:
     theirs = test_score(out / "recipe.pt", out)
     import torch
 
-    split = torch.load(out / "recipe.pt", weights_only=True)["extra"]["split"]
+    extra = torch.load(out / "recipe.pt", weights_only=True)["extra"]
+    split = extra["split"]
     assert split == best["split"], "the recipe was not trained on the study's split"
     rows = [(label, test_score(folder / "reports" / args.study / "best.pt", folder), wall)
             for label, folder, _, wall in runs]  # fmt: skip
@@ -126,7 +127,8 @@ def main() -> None:
         )
     classes = list(theirs["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
-          f"{len(split['test'])} test images; both trained on {best['config']['train_on']}")  # fmt: skip
+          f"{len(split['test'])} test images; the search's model trained on "
+          f"{best['config']['train_on']}, the recipe on {extra['train_on']}")  # fmt: skip
     print(f"  {'model':<44}{'test mIoU':>10}" + "".join(f"{c:>11}" for c in classes)
           + f"{'wall s':>9}")  # fmt: skip
 
