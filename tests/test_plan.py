@@ -67,6 +67,9 @@ def test_large_images_of_small_objects_and_small_images_of_large_objects_plan_ap
         )
         assert space.search["depth"]["high"] == centre["depth"]
         assert space.fixed["batch_size"] == centre["batch_size"] and space.fixed["seconds"] > 0
+        # the finalists train half the final fit's seconds on the CPU: the fit makes the model
+        assert 0 < space.promote["seconds"] < space.final["seconds"] == 2 * space.promote["seconds"]
+    assert "promote" not in auto_space(small_objects, "cuda")  # the finalists at the final budget
     assert auto_space(small_objects, "cpu")["search"]["depth"]["low"] == 2
     assert auto_space(large_objects, "cpu")["search"]["depth"]["low"] == 3
 
@@ -92,7 +95,7 @@ def test_a_warm_start_of_values_must_name_every_searched_field_inside_its_range(
 
 def test_a_promotion_budget_cut_in_epochs_must_say_its_seconds():
     raw = auto_space(fingerprint(blobs(2, 128, 10, 5)), "cpu")
-    with pytest.raises(Exception, match=r"promote.epochs: the final budget is in seconds \(300\)"):
+    with pytest.raises(Exception, match=r"promote.epochs: the final budget is in seconds \(600\)"):
         parse_space({**raw, "promote": {"epochs": 20}}, "auto")
     space = parse_space({**raw, "promote": {"epochs": 20, "seconds": 150}}, "auto")
     assert space.promote == {"epochs": 20, "seconds": 150}
@@ -130,5 +133,6 @@ def test_check_prints_the_planned_space_for_a_data_folder(tmp_path):
     assert out.startswith("# Planned by `--space auto` from d on the CPU")
     (tmp_path / "auto.yaml").write_text(out)
     raw = yaml.safe_load(out)
-    assert raw["study"]["warm_start"]["patch_size"] == 128 and raw["fixed"]["seconds"] == 40
+    assert raw["study"]["warm_start"]["patch_size"] == 128 and raw["fixed"]["seconds"] == 30
+    assert raw["promote"] == {"seconds": 300} and raw["final"]["seconds"] == 600
     assert "auto.yaml: ok" in cli(tmp_path, "check", "--space", "auto.yaml").stdout
