@@ -6,10 +6,18 @@ import numpy as np
 import torch
 
 
+def _flat(labels) -> torch.Tensor:
+    """A label array or tensor as a flat int64 tensor; a read-only array (the memory-mapped image
+    cache) is copied first, since torch warns on wrapping one and the warning lands in search logs."""
+    if isinstance(labels, np.ndarray) and not labels.flags.writeable:
+        labels = labels.copy()
+    return torch.as_tensor(labels).reshape(-1).long()
+
+
 def confusion_matrix(pred, truth, num_classes: int) -> np.ndarray:
     """(K, K) int64 counts, rows = truth, columns = prediction, of two label arrays of one shape."""
-    pred = torch.as_tensor(pred).reshape(-1).long()
-    truth = torch.as_tensor(truth).reshape(-1).long().to(pred.device)  # the prediction's device
+    pred = _flat(pred)
+    truth = _flat(truth).to(pred.device)  # the prediction's device
     if pred.shape != truth.shape:
         raise ValueError(f"prediction has {pred.numel()} pixels, truth {truth.numel()}")
     counts = torch.bincount(truth * num_classes + pred, minlength=num_classes * num_classes)
