@@ -16,7 +16,11 @@ the warm start (trial 0, always a finalist):
   one below the deepest, so that the search can tell whether depth matters.
 - **Batch**: the device's pixels per step (`PIXELS_PER_STEP`) divided by the patch's pixels, 2 to
   64: a larger patch trains on fewer patches a step at the same cost.
-- **Width**: by device (`WIDTHS`), the larger as centre.
+- **Width**: fixed by device (`WIDTH`: 16 on the CPU, nnU-Net's 32 on a GPU), not searched. With
+  budgets in seconds a narrow network takes more steps in a trial's 30 s and wins the trials,
+  then loses at the final budget: every width-8 winner of the first runs (2026-12-07, float32
+  CPU) scored under the width-16 recipe (-0.003 and -0.007 on `shapes`, -0.007 on HeLa), and the
+  one width-16 winner -0.002 (docs/benchmarks.md).
 - Learning rate and augmentation: today's ranges (log 1e-3 to 0.2; 0 to 1), centred on the
   CPU recipe's 0.05 and 0.25.
 - **Budgets in seconds** (`seconds`): a trial trains for `TRIAL_SECONDS`, the finalists for
@@ -41,7 +45,7 @@ MIN_BOTTOM = 4  # pixels of the deepest feature map (nnU-Net's minimum)
 MAX_DEPTH = 5
 PATCH_CAP = {"cpu": 128, "cuda": 256}
 PIXELS_PER_STEP = {"cpu": 2**17, "cuda": 2**19}  # 8 patches of 128 on the CPU, 32 of 128 on a GPU
-WIDTHS = {"cpu": [8, 16], "cuda": [16, 32, 64]}
+WIDTH = {"cpu": 16, "cuda": 32}
 MAX_WIDTH = {"cpu": 256, "cuda": 512}
 TRIAL_SECONDS = {"cpu": 30, "cuda": 60}
 PROMOTE_SECONDS = {"cpu": 300, "cuda": 600}
@@ -96,7 +100,7 @@ def plan(fp: dict[str, Any], device: str) -> dict[str, Any]:
         "covering_depth": covering,
         "min_depth": max(2, min(covering, depth - 1)),
         "batch_size": batch,
-        "base_width": WIDTHS[device][-1],
+        "base_width": WIDTH[device],
         "object_side": side,
         "receptive_field": receptive_field(depth),
         "short_side": short,
@@ -108,13 +112,11 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
     centre = plan(fp, device)
     patch, depth = centre["patch_size"], centre["depth"]
     patches = sorted({p for p in (patch // 2, patch * 3 // 4, patch) if p >= 32 and p % 16 == 0})
-    widths = WIDTHS[device]
     promote = PROMOTE_SECONDS[device]
     return {
         "search": {
             "patch_size": {"type": "categorical", "choices": patches},
             "depth": {"type": "int", "low": min(centre["min_depth"], depth), "high": depth},
-            "base_width": {"type": "categorical", "choices": widths},
             "lr": {"type": "float", "low": 1.0e-3, "high": 0.2, "log": True},
             "aug_strength": {"type": "float", "low": 0.0, "high": 1.0},
         },
@@ -122,6 +124,7 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
             "epochs": EPOCHS,
             "seconds": TRIAL_SECONDS[device],
             "batch_size": centre["batch_size"],
+            "base_width": centre["base_width"],
             "max_width": MAX_WIDTH[device],
             "optimizer": "sgd",
             "schedule": "poly",
@@ -148,7 +151,6 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
             "warm_start": {
                 "patch_size": patch,
                 "depth": depth,
-                "base_width": widths[-1],
                 "lr": 0.05,
                 "aug_strength": 0.25,
             },
@@ -170,7 +172,9 @@ def space_text(fp: dict[str, Any], device: str, where: str) -> str:
         + f"(depth {c['covering_depth']} is the shallowest whose receptive field, "
         + f"{receptive_field(c['covering_depth'])} px, covers the largest objects; at least one "
         + "below the deepest).",
-        f"Batch {c['batch_size']}: {PIXELS_PER_STEP[device]} pixels a step. Trials train "
+        f"Batch {c['batch_size']}: {PIXELS_PER_STEP[device]} pixels a step. Width "
+        + f"{c['base_width']}, fixed: a narrower network wins trials timed in seconds by taking "
+        + "more steps, then loses at the final budget. Trials train "
         + f"{TRIAL_SECONDS[device]} s, the finalists {PROMOTE_SECONDS[device]} s, the final fit "
         + f"{FINAL_SECONDS[device]} s (steps per epoch from the step time measured on the device).",
         "The warm start (trial 0, always a finalist) is that centre. Edit this file and run it "

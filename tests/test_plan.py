@@ -70,6 +70,10 @@ def test_large_images_of_small_objects_and_small_images_of_large_objects_plan_ap
         # the finalists train half the final fit's seconds on the CPU: the fit makes the model
         assert 0 < space.promote["seconds"] < space.final["seconds"] == 2 * space.promote["seconds"]
     assert "promote" not in auto_space(small_objects, "cuda")  # the finalists at the final budget
+    # the width is fixed, not searched: with budgets in seconds a narrow network wins the trials
+    for device, width in (("cpu", 16), ("cuda", 32)):
+        raw = auto_space(small_objects, device)
+        assert "base_width" not in raw["search"] and raw["fixed"]["base_width"] == width
     assert auto_space(small_objects, "cpu")["search"]["depth"]["low"] == 2
     assert auto_space(large_objects, "cpu")["search"]["depth"]["low"] == 3
 
