@@ -56,7 +56,9 @@ def warm_start_config(folder: Path, study: str) -> dict:
     from segsearch.final import warm_start_number
     from segsearch.space import final_config
     from segsearch.study import open_study
+    from train_optuna import quiet_optuna
 
+    quiet_optuna(False)  # the heartbeat's ExperimentalWarning, as the CLI does
     found, space = open_study(study, f"sqlite:///{folder}/storage/{study}.db")
     number = warm_start_number(found)
     if number is None:
