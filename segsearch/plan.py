@@ -6,16 +6,24 @@ for 2-D images, give the centre of a space; the search runs around it, and the c
 the warm start (trial 0, always a finalist):
 
 - **Patch**: as large as the images allow (the median short side) up to the device's cap
-  (`PATCH_CAP`: more context per step is what nnU-Net buys with memory; on the CPU the cap is the
-  time a step takes), a multiple of 32. Searched: 1/2, 3/4 and all of it (those that are
-  multiples of 16).
+  (`PATCH_CAP`), a multiple of 32. Searched: 1/2, 3/4 and all of it (those that are multiples
+  of 16). On a GPU the cap is nnU-Net's memory rule (256: more context per step). On the CPU it
+  is what converges in the minutes a search has: 64. With a cap of 128 (2026-12-06/07, 2 cores)
+  the planned centre (patch 128, depth 5) reached 0.849 on whole HeLa validation frames in 300 s
+  against 0.864 for a patch-64 finalist (0.955 against 0.976 on `shapes`), trained alone for
+  600 s it scored under the recipe on test (0.8627 against 0.8677), and all seven searches
+  handed over a patch-64 model (docs/benchmarks.md). With the batch and width below, the CPU
+  centre is the CPU recipe's configuration (patch 64, depth 4, batch 16, width 16) wherever the
+  images hold a 64-pixel patch: the rules arrive where hand tuning did, and the search runs
+  around it in time, not epochs.
 - **Depth**: as deep as the patch allows with a bottom feature map of at least 4 pixels, at most
   5 (nnU-Net's rule). Searched down to the shallowest depth whose receptive field covers the
   largest objects (95th percentile of the foreground objects' bounding-box side; a U-Net of
   depth d with two 3x3 convolutions per stage sees `receptive_field(d)` pixels), and at least
   one below the deepest, so that the search can tell whether depth matters.
 - **Batch**: the device's pixels per step (`PIXELS_PER_STEP`) divided by the patch's pixels, 2 to
-  64: a larger patch trains on fewer patches a step at the same cost.
+  64: a larger patch trains on fewer patches a step at the same cost. On the CPU 2^16, 16
+  patches of 64 (the CPU recipe's batch).
 - **Width**: fixed by device (`WIDTH`: 16 on the CPU, nnU-Net's 32 on a GPU), not searched. With
   budgets in seconds a narrow network takes more steps in a trial's 30 s and wins the trials,
   then loses at the final budget: every width-8 winner of the first runs (2026-12-06/07, CPU)
@@ -25,13 +33,14 @@ the warm start (trial 0, always a finalist):
 - Learning rate and augmentation: today's ranges (log 1e-3 to 0.2; 0 to 1), centred on the
   CPU recipe's 0.05 and 0.25.
 - **Budgets in seconds** (`seconds`): a trial trains for `TRIAL_SECONDS`, the finalists for
-  `PROMOTE_SECONDS` (a `promote:` section where it is under the final's) and the final fit for
-  `FINAL_SECONDS`; the steps per epoch follow from the step time measured on the device
-  (segcore.budget), so a 128-pixel configuration and a 32-pixel one cost the same. On the CPU
-  the final fit has twice the finalists' time: with 300 s (2026-12-06) the model handed over on
-  `shapes` trained half the recipe's patches on a float32 CPU and scored 0.003 under it
-  (docs/benchmarks.md); trials are cut to 30 s to pay for most of it. The extra time alone did
-  not raise the test mIoU measurably; it is kept because the fit makes the model handed over.
+  `FINAL_SECONDS`, each on one worker, side by side; the steps per epoch follow from the step
+  time measured on the device (segcore.budget), so a 64-pixel configuration and a 32-pixel one
+  cost the same.
+- **The model handed over is an ensemble** (`final: {ensemble: 2, train_on: train}`): the best
+  two finalists' own models, averaged in stitched inference, with no refit. On `shapes` it
+  added +0.0017 test mIoU over the winner alone (docs/benchmarks.md), and it costs less than a
+  promotion stage followed by a refit of the winner (600 s side by side against 300 s side by
+  side and then 600 s on both cores).
 
 The space is written out as a normal space file (reports/NAME/space.yaml) that a user can read,
 edit and run with `--space FILE`.
@@ -45,13 +54,13 @@ import yaml
 
 MIN_BOTTOM = 4  # pixels of the deepest feature map (nnU-Net's minimum)
 MAX_DEPTH = 5
-PATCH_CAP = {"cpu": 128, "cuda": 256}
-PIXELS_PER_STEP = {"cpu": 2**17, "cuda": 2**19}  # 8 patches of 128 on the CPU, 32 of 128 on a GPU
+PATCH_CAP = {"cpu": 64, "cuda": 256}
+PIXELS_PER_STEP = {"cpu": 2**16, "cuda": 2**19}  # 16 patches of 64 on the CPU, 32 of 128 on a GPU
 WIDTH = {"cpu": 16, "cuda": 32}
 MAX_WIDTH = {"cpu": 256, "cuda": 512}
 TRIAL_SECONDS = {"cpu": 30, "cuda": 60}
-PROMOTE_SECONDS = {"cpu": 300, "cuda": 600}
 FINAL_SECONDS = {"cpu": 600, "cuda": 600}
+ENSEMBLE = 2  # finalists averaged in the model handed over
 TRIALS = {"cpu": 24, "cuda": 100}
 EPOCHS = 12  # of a trial: the pruner's steps; the final fit's epochs are FINAL_EPOCHS
 FINAL_EPOCHS = 40
@@ -114,7 +123,6 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
     centre = plan(fp, device)
     patch, depth = centre["patch_size"], centre["depth"]
     patches = sorted({p for p in (patch // 2, patch * 3 // 4, patch) if p >= 32 and p % 16 == 0})
-    promote = PROMOTE_SECONDS[device]
     return {
         "search": {
             "patch_size": {"type": "categorical", "choices": patches},
@@ -137,8 +145,12 @@ def auto_space(fp: dict[str, Any], device: str) -> dict[str, Any]:
             "gaussian": True,
             "tta": True,
         },
-        "final": {"epochs": FINAL_EPOCHS, "seconds": FINAL_SECONDS[device]},
-        **({"promote": {"seconds": promote}} if promote < FINAL_SECONDS[device] else {}),
+        "final": {
+            "epochs": FINAL_EPOCHS,
+            "seconds": FINAL_SECONDS[device],
+            "ensemble": ENSEMBLE,
+            "train_on": "train",
+        },
         "study": {
             "n_trials": TRIALS[device],
             "metric": "patch_miou",
@@ -177,8 +189,9 @@ def space_text(fp: dict[str, Any], device: str, where: str) -> str:
         f"Batch {c['batch_size']}: {PIXELS_PER_STEP[device]} pixels a step. Width "
         + f"{c['base_width']}, fixed: a narrower network wins trials timed in seconds by taking "
         + "more steps, then loses at the final budget. Trials train "
-        + f"{TRIAL_SECONDS[device]} s, the finalists {PROMOTE_SECONDS[device]} s, the final fit "
-        + f"{FINAL_SECONDS[device]} s (steps per epoch from the step time measured on the device).",
+        + f"{TRIAL_SECONDS[device]} s, the finalists {FINAL_SECONDS[device]} s each (steps per "
+        + "epoch from the step time measured on the device); best.pt averages the best "
+        + f"{ENSEMBLE} finalists' models (final.ensemble), with no refit.",
         "The warm start (trial 0, always a finalist) is that centre. Edit this file and run it "
         + "with --space FILE.",
     ]
