@@ -13,7 +13,8 @@ prints them side by side with their wall times. Everything lands under --out.
 With --repeats N the search runs N times with sampler seeds 0..N-1 (`search --seed`), the same
 split each time, and the spread between their best.pt test figures is printed: which model a
 user gets should not depend on the run. With --warm-start-alone the first search's warm start
-(with `--space auto`, the planned centre) is also trained alone with its final config: what the
+(with `--space auto`, the planned centre) is also trained alone with its final config (or, where
+the promotion stage trained it with that very config, its finalist model is scored): what the
 search adds over where it started.
 """
 
@@ -49,11 +50,14 @@ def test_score(model: Path, cwd: Path) -> dict:
     return json.loads(out.stdout)
 
 
-def warm_start_config(folder: Path, study: str) -> dict:
-    """The final config of a finished study's warm-start trial: what it would hand over alone."""
+def warm_start_config(folder: Path, study: str) -> tuple[dict, Path | None]:
+    """The final config of a finished study's warm-start trial (what it would hand over alone),
+    and its finalist model file where the promotion stage trained exactly that config (final
+    `train_on: train`, no `promote:` section), so that it need not be trained again."""
     sys.path.insert(0, str(ROOT))
     from segcore.config import TrialConfig
     from segsearch.final import warm_start_number
+    from segsearch.promote import finalist_path, promotion_config
     from segsearch.space import final_config
     from segsearch.study import open_study
     from train_optuna import quiet_optuna
@@ -63,8 +67,10 @@ def warm_start_config(folder: Path, study: str) -> dict:
     number = warm_start_number(found)
     if number is None:
         sys.exit(f"error: study {study} has no warm start")
-    cfg = TrialConfig.from_dict(found.trials[number].user_attrs["config"])
-    return final_config(cfg, space).to_dict()
+    cfg = final_config(TrialConfig.from_dict(found.trials[number].user_attrs["config"]), space)
+    model = folder / finalist_path(study, number)
+    same = model.is_file() and promotion_config(found, space, number) == cfg
+    return cfg.to_dict(), model if same else None
 
 
 def main() -> None:
@@ -121,12 +127,16 @@ def main() -> None:
              for seed, (_, _, b, _) in enumerate(runs) if b.get("test_single")]  # fmt: skip
     if args.warm_start_alone:
         folder = runs[0][1]
-        (out / "warm.json").write_text(json.dumps(warm_start_config(folder, args.study), indent=1))
-        wall = timed(["train", "--config", "warm.json", "--data", data, "--out", "warm.pt",
-                      "--quiet"], out, out / "warm.log")  # fmt: skip
-        alone.append(
-            ("warm start alone (its final config)", test_score(out / "warm.pt", out), wall)
-        )
+        cfg, finalist = warm_start_config(folder, args.study)
+        (out / "warm.json").write_text(json.dumps(cfg, indent=1))
+        if finalist is None:
+            wall = timed(["train", "--config", "warm.json", "--data", data, "--out", "warm.pt",
+                          "--quiet"], out, out / "warm.log")  # fmt: skip
+            alone.append(
+                ("warm start alone (its final config)", test_score(out / "warm.pt", out), wall)
+            )
+        else:  # the promotion stage trained it with that config: its finalist model
+            alone.append(("warm start alone (its finalist model)", test_score(finalist, out), None))
     classes = list(theirs["per_class"])
     print(f"data {data}: {len(split['train'])} train, {len(split['validation'])} validation, "
           f"{len(split['test'])} test images; the search's model trained on "
