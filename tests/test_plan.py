@@ -66,8 +66,11 @@ def test_large_images_of_small_objects_and_small_images_of_large_objects_plan_ap
     c, d = plan(small_objects, "cuda"), plan(large_objects, "cuda")  # more memory
     assert (c["patch_size"], c["depth"], c["min_depth"], c["batch_size"]) == (256, 5, 2, 8)
     assert (d["patch_size"], d["depth"], d["min_depth"], d["batch_size"]) == (96, 4, 3, 56)
-    for fp, centre in ((small_objects, a), (large_objects, b), (large_objects, d)):
-        device = "cuda" if centre is d else "cpu"
+    for fp, centre, device in (
+        (small_objects, a, "cpu"),
+        (large_objects, b, "cpu"),
+        (large_objects, d, "cuda"),
+    ):
         raw = auto_space(fp, device)
         space = parse_space(raw, "auto")  # a valid space file
         assert (
