@@ -113,8 +113,9 @@ def _create_or_resume(name, storage, space: Space, sources: dict, n_trials: int 
 
 def warm_start_params(space: Space) -> dict[str, Any]:
     """The CPU recipe's values (configs/cpu-shapes.json) for the searched fields, where the space
-    allows them: with the quick space's fixed fields and final budget, a winning warm start is
-    retrained into exactly the recipe's model, so the search cannot hand over less."""
+    allows them: it is always rescored (and a finalist), so the search cannot hand over less by
+    validation; with the recipe's fixed fields and final budget (in epochs), a winning warm start
+    is retrained into exactly the recipe's model."""
     reference = {"patch_size": 64, "depth": 4, "lr": 0.05, "aug_strength": 0.25, "base_width": 16}
     params = {}
     for name, value in reference.items():
