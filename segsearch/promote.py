@@ -1,7 +1,7 @@
 """The promotion stage: the finalists trained at the budget the product is trained at, before
 one of them is handed over.
 
-Trials run at a fraction of the final budget (quick.yaml: 20 s against the final fit's 450 s). That
+Trials run at a fraction of the final budget (quick.yaml: 20 s against the final fit's 520 s). That
 ranks configurations well enough to find candidates, not to rank the candidates: their margins
 on whole validation images at the trial budget are often smaller than the validation set's noise
 (the same quick search on `shapes` handed over the recipe once, and a model 0.006 test mIoU
