@@ -37,7 +37,13 @@ from segsearch.lifecycle import DONE, INTERRUPTED, WAIT, Context, take_slot, tel
 from segsearch.rescore import score
 from segsearch.space import parse_space
 from segsearch.storage import POOL_SIZE, SlotLock, check_url, open_storage
-from segsearch.study import create_study, load_splits, study_splits, warm_start_params
+from segsearch.study import (
+    coverage_params,
+    create_study,
+    load_splits,
+    study_splits,
+    warm_start_params,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -460,6 +466,36 @@ def test_warm_start_is_the_first_trial_and_tpe_samples_after_it(tmp_path, monkey
     assert take_slot(run.study, run.lock) is DONE
 
 
+def test_tpe_start_up_trials_try_every_categorical_choice(tmp_path, monkeypatch):
+    """After the warm start (patch 16), the start-up trials take the choices not yet tried (patch
+    32; width 4 then 8, the warm start taking 2), the sampler the rest; never more of them than
+    the start-up holds, and none for the random sampler."""
+    raw = json.loads(json.dumps(SPACE))
+    raw["search"]["base_width"] = {"type": "categorical", "choices": [2, 4, 8]}
+    raw["fixed"].pop("base_width")
+    raw["study"].update({"sampler": {"name": "tpe", "args": {"n_startup_trials": 4}},
+                         "warm_start": True, "n_trials": 4})  # fmt: skip
+    run = Run(tmp_path, monkeypatch, raw=raw)
+    assert coverage_params(run.space, {"patch_size": 16, "lr": 0.05, "base_width": 2}) == [
+        {"patch_size": 32, "base_width": 4},
+        {"base_width": 8},
+    ]
+    warm, _ = run.trial()
+    assert warm.params["patch_size"] == 16 and warm.params["base_width"] == 2  # 16 not offered
+    tried = [run.trial()[0].params for _ in range(2)]
+    assert [(t["patch_size"], t["base_width"]) for t in tried] == [
+        (32, 4),
+        (tried[1]["patch_size"], 8),
+    ]
+    assert set(tried[1]) == {"patch_size", "lr", "base_width"}  # the sampler's patch and lr
+    raw["study"]["sampler"]["args"]["n_startup_trials"] = 2  # room for one after the warm start
+    assert coverage_params(parse_space(raw, "s.yaml"), warm.params) == [
+        {"patch_size": 32, "base_width": 4}
+    ]
+    raw["study"]["sampler"] = {"name": "random"}
+    assert coverage_params(parse_space(raw, "s.yaml"), warm.params) == []
+
+
 def test_the_warm_start_is_kept_and_rescored_outside_the_top_k(tmp_path, monkeypatch):
     """The recipe's trial keeps its checkpoint and is rescored even when its patch mIoU is not
     in the top K, so that the winner is chosen against it on validation full-image mIoU."""
@@ -704,7 +740,7 @@ def test_a_model_over_the_limits_is_pruned_before_it_trains(tmp_path, monkeypatc
     raw = json.loads(json.dumps(SPACE))
     raw["search"]["base_width"] = {"type": "categorical", "choices": [2, 8]}
     raw["fixed"].pop("base_width")
-    raw["study"]["sampler"] = {"name": "tpe"}
+    raw["study"]["sampler"] = {"name": "tpe", "args": {"n_startup_trials": 0}}  # no start-up
     raw["constraints"] = {"max_params": 500, "max_gflop_per_patch": 0.0005}  # width 2 fits both
     run = Run(tmp_path, monkeypatch, raw=raw)
     assert run.study.sampler._constraints_func is not None  # TPE learns where the limit is

@@ -198,16 +198,17 @@ def test_the_loss_is_cross_entropy_plus_soft_dice_over_the_batch():
 
 
 def test_a_step_returns_the_loss_it_took_and_moves_the_weights():
-    from segcore.device import grad_scaler
+    from segcore.device import autocast_for, grad_scaler
     from segcore.train import make_optimizer, seg_loss, train_step
 
     torch.manual_seed(0)
     model = build_model("unet", 1, 3, 1, 4, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16))
-    expected = float(seg_loss(model(x), y, "ce+dice"))
-    optimizer = make_optimizer(TrialConfig(lr=0.1), model.parameters())
     cpu = torch.device("cpu")
+    with torch.no_grad(), autocast_for(cpu):  # the step's precision (bf16 where the CPU has it)
+        expected = float(seg_loss(model(x), y, "ce+dice"))
+    optimizer = make_optimizer(TrialConfig(lr=0.1), model.parameters())
     loss = train_step(model, optimizer, grad_scaler(cpu), (x, y), "ce+dice", cpu)
     assert loss == pytest.approx(expected, rel=1e-5)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
