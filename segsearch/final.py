@@ -1,7 +1,7 @@
 """What a search hands over: the winner, its best-config JSON, and the final fit (best.pt).
 
 The winner is the finalist with the best full-image mIoU on the validation images at the final
-budget (segsearch.promote), or, without a promotion stage, the rescored trial with the best one at
+budget (segsearch.promote; the warm start where that lead is inside the validation noise), or, without a promotion stage, the rescored trial with the best one at
 the trial budget. The final fit trains its config with the space's `final:` overrides (or, when
 those train on the training images only, keeps the finalist's model, which is exactly that) and
 scores it once on the test images, which nothing in the search has read.
@@ -27,29 +27,31 @@ from segsearch.artifacts import fetch, open_store
 from segsearch.checkpoints import WARM_START, checkpoints
 from segsearch.internals import trial_id
 from segsearch.notes import write_notes
-from segsearch.promote import choice_noise, finalist_path, ranked
+from segsearch.promote import decide, finalist_path, ranked
 from segsearch.space import Space, final_config
 from segsearch.study import open_study, reports_dir, study_splits
 
 
-def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict]:
-    """The finalist with the best validation full-image mIoU at the final budget, else the
-    rescored trial with the best one at the trial budget (ties: the earlier)."""
-    scores = study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")
+def winner(study: optuna.Study) -> tuple[optuna.trial.FrozenTrial, dict, dict]:
+    """The finalist with the best validation full-image mIoU at the final budget (the warm start
+    where that lead over it is inside the noise: promote.decide), else the rescored trial with
+    the best one at the trial budget (ties: the earlier); with its scores and how sure the choice
+    is (promote.choice_noise)."""
+    promoted = study.user_attrs.get("promotion")
+    scores = promoted or study.user_attrs.get("full_image_scores")
     if not scores:
         name = study.study_name
         raise UserError(f"--study {name!r}: no full-image scores yet; run `score --study {name}`")
-    number = ranked(scores)[0]
-    return study.trials[int(number)], scores[number]
+    number, noise = decide(scores, warm_start_number(study), bool(promoted))
+    return study.trials[number], scores[str(number)], noise
 
 
 def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
     """best.json: what `train --config` needs to reproduce best.pt (the final config, the data
     folders, the split, the seed, the thread count, the precision), the winner's validation
     figures, and the final model's test figures once it is fitted."""
-    trial, best = winner(study)
+    trial, best, noise = winner(study)
     promoted = bool(study.user_attrs.get("promotion"))
-    scores = study.user_attrs.get("promotion") or study.user_attrs["full_image_scores"]
     final = study.user_attrs.get("final") or {}
     fitted = final.get("trial") == trial.number
     cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
@@ -71,7 +73,7 @@ def best_record(study: optuna.Study, space: Space) -> dict[str, Any]:
             "per_class": best["per_class"],
             "images": best["images"],
             "budget": ("promotion" if space.promote else "final") if promoted else "trial",
-            "noise": choice_noise(scores, trial.number, warm_start_number(study)),
+            "noise": noise,
         },
         "test": final.get("test") if fitted else None,
         "ensemble": final.get("ensemble") if fitted else None,
@@ -105,7 +107,7 @@ def final_fit(name: str, url: str, *, device: torch.device, progress: bool = Tru
     """Train the winner's final config, score it on the test images, write reports/NAME/best.pt
     and best.json; returns what the model file records."""
     study, space = open_study(name, url)
-    trial, _ = winner(study)
+    trial, _, _ = winner(study)
     cfg = final_config(TrialConfig.from_dict(trial.user_attrs["config"]), space)
     splits = study_splits(study, space)
     out = reports_dir(name) / "best.pt"

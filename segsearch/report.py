@@ -116,15 +116,13 @@ def _fmt(value) -> str:
 def handed_over(study: optuna.Study) -> list[dict]:
     """The winner's validation figures (which chose it) beside the final model's test figures
     (which nothing chose from): rows of (what, images, mIoU, per-class IoU)."""
-    from segsearch.final import warm_start_number, winner
-    from segsearch.promote import choice_noise, margin_text
+    from segsearch.final import winner
+    from segsearch.promote import margin_text
 
-    scores = study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")
-    if not scores:
+    if not (study.user_attrs.get("promotion") or study.user_attrs.get("full_image_scores")):
         return []
-    trial, best = winner(study)
+    trial, best, noise = winner(study)
     budget = "final" if study.user_attrs.get("promotion") else "trial"
-    noise = choice_noise(scores, trial.number, warm_start_number(study))
     rows = [
         {
             "what": f"winner: trial {trial.number}, validation full-image mIoU at the {budget} "

@@ -13,7 +13,7 @@ from segcore.errors import UserError
 from segcore.metrics import mean_iou
 from segsearch.checkpoints import WARM_START
 from segsearch.final import winner
-from segsearch.promote import choice_noise, finalist_numbers, margin_text, ranked
+from segsearch.promote import choice_noise, decide, finalist_numbers, margin_text, ranked
 from segsearch.space import parse_space
 
 SPACE = {"search": {"lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True}},
@@ -80,6 +80,31 @@ def test_a_margin_inside_the_noise_is_called_so_and_one_outside_is_not():
     unsure = choice_noise(few, 1, warm=0)  # better on each of 3 images: still unsure
     assert unsure["warm_start"]["interval"][0] > 0 and unsure["within_noise"]
     assert "only 3 validation images, too few" in margin_text(unsure)
+
+
+def test_after_the_promotion_a_lead_inside_the_noise_keeps_the_warm_start():
+    def scored(confusions: dict[str, list]) -> dict[str, dict]:
+        return {k: {"miou": mean_iou(np.sum(c, axis=0)), "confusion": c}
+                for k, c in confusions.items()}  # fmt: skip
+
+    clear = scored({"0": [image(90, 10)] * 8, "1": [image(95, 5)] * 8})  # better on every image
+    assert decide(clear, 0, promoted=True) == (1, choice_noise(clear, 1, 0))
+    mixed = scored({"0": [image(90, 10)] * 8, "1": [image(99, 1), image(82, 18)] * 4})
+    assert mixed["1"]["miou"] > mixed["0"]["miou"]  # ahead, on half of the images
+    number, noise = decide(mixed, 0, promoted=True)
+    assert number == 0 and noise["kept_warm_start"] == 1 and noise["warm_start"]["within_noise"]
+    text = margin_text(noise)
+    assert text.startswith("The warm start is handed over: trial 1 led it by +0.0")
+    assert "within the validation noise" in text and "val_fraction" in text
+    few = scored({"0": [image(90, 10)] * 3, "1": [image(95, 5)] * 3})  # clear, but 3 images
+    number, noise = decide(few, 0, promoted=True)
+    assert number == 0 and "only 3 validation images, too few" in margin_text(noise)
+    assert decide(few, 0, promoted=False)[0] == 1  # at the trial budget: the best, as before
+    assert decide(few, None, promoted=True)[0] == 1  # no warm start to keep
+    study = study_with({0: 0.5, 1: 0.6}, 0)
+    study.set_user_attr("promotion", few)
+    trial, score, noise = winner(study)
+    assert trial.number == 0 and score == few["0"] and noise["kept_warm_start"] == 1
 
 
 @pytest.mark.parametrize(
