@@ -1,10 +1,11 @@
 """What a search hands over: the winner, its best-config JSON, and the final fit (best.pt).
 
 The winner is the finalist with the best full-image mIoU on the validation images at the final
-budget (segsearch.promote; the warm start where that lead is inside the validation noise), or, without a promotion stage, the rescored trial with the best one at
-the trial budget. The final fit trains its config with the space's `final:` overrides (or, when
-those train on the training images only, keeps the finalist's model, which is exactly that) and
-scores it once on the test images, which nothing in the search has read.
+budget (segsearch.promote; the warm start where that lead is inside the validation noise), or,
+without a promotion stage, the rescored trial with the best one at the trial budget. The final
+fit trains its config with the space's `final:` overrides (or, when those train on the training
+images only, keeps the finalist's model, which is exactly that) and scores it once on the test
+images, which nothing in the search has read.
 """
 
 from __future__ import annotations
@@ -152,14 +153,16 @@ def keep_finalist(
 def ensemble_finalists(
     name: str, study: optuna.Study, n: int, out: Path, splits, device: torch.device, progress: bool
 ) -> dict[str, Any]:  # fmt: skip
-    """best.pt as the best `n` finalists' own models in one file (an Ensemble: their stitched
-    probabilities averaged), scored once on the test images; the winner alone is scored there
-    too ("test_single"), so that what the ensemble adds is measured, not assumed."""
+    """best.pt as the winner's and the next best `n - 1` finalists' own models in one file (an
+    Ensemble: their stitched probabilities averaged), scored once on the test images; the winner
+    alone is scored there too ("test_single"), so that what the ensemble adds is measured, not
+    assumed."""
     scores = study.user_attrs.get("promotion") or {}
     if len(scores) < n:
         raise UserError(f"--study {name}: final.ensemble {n} needs {n} promoted finalists; "
                         f"run `promote --study {name}`")  # fmt: skip
-    numbers = ranked(scores)[:n]
+    first = str(winner(study)[0].number)  # the best, or the warm start kept (promote.decide)
+    numbers = [first, *[k for k in ranked(scores) if k != first]][:n]
     loaded = [load_model(finalist_path(name, int(k)), device) for k in numbers]
     test_set = splits.test.normalized(loaded[0][1]["normalization"])
     single = evaluate(loaded[0][0], test_set, loaded[0][1]["config"], progress=progress)

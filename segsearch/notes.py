@@ -57,10 +57,10 @@ def study_note(study: optuna.Study, record: dict) -> str:
     among = {"final": "the finalists, each trained at the final budget",
              "promotion": "the finalists, each trained at the promotion budget (`promote:`)"
              }.get(v.get("budget"), "the rescored trials, at the trial budget")  # fmt: skip
-    kept = (v.get("noise") or {}).get("kept_warm_start") is not None
+    kept = bool((v.get("noise") or {}).get("kept_warm_start"))
     why = (
-        f"{'The warm start, kept' if kept else 'Chosen for the best'} **validation full-image "
-        f"mIoU** ({v['full_image_miou']:.4f} on {v['images']} validation images) among {among}; "
+        f"{'The warm start, kept' if kept else 'Chosen for the best'} (**validation full-image "
+        f"mIoU** {v['full_image_miou']:.4f} on {v['images']} validation images, among {among}); "
         f"its validation patch mIoU in the search was {v['patch_miou']:.4f}. "
         f"{margin_text(v['noise']) if v.get('noise') else ''}"
     ).rstrip()

@@ -247,29 +247,33 @@ def decide(scores: dict[str, dict], warm: int | None, promoted: bool) -> tuple[i
     """The winner among `scores` (by trial number) and how sure the choice is (choice_noise, of
     the leader): the best by validation full-image mIoU (ties: the earlier trial); after the
     promotion stage, the warm start instead when the leader's margin over it is inside the
-    validation noise or there are too few validation images to show the noise
-    (`kept_warm_start`: the leader). A lead the validation images cannot show is a coin toss,
-    and the warm start is the known configuration: on HeLa (3 validation frames) leads of +0.012
-    and +0.013 over the recipe's configuration after the 90-s promotion handed over -0.0072 and
-    -0.0036 test mIoU against the recipe (docs/benchmarks.md)."""
+    validation noise or there are too few validation images to show the noise (then the noise
+    is the warm start's, with `kept_warm_start`: the leader's number, margin and interval). A
+    lead the validation images cannot show is a coin toss, and the warm start is the known
+    configuration: on HeLa (3 validation frames) leads of +0.012 and +0.013 over the recipe's
+    configuration after the 90-s promotion handed over -0.0072 and -0.0036 test mIoU against the
+    recipe (docs/benchmarks.md)."""
     leader = int(ranked(scores)[0])
     noise = choice_noise(scores, leader, warm)
     unsure = noise.get("too_few_images") or noise.get("warm_start", {}).get("within_noise")
     if promoted and warm is not None and leader != warm and str(warm) in scores and unsure:
-        return warm, {**noise, "kept_warm_start": leader}
+        kept = {k: v for k, v in choice_noise(scores, warm, None).items() if k != "runner_up"}
+        lead = {k: noise["warm_start"][k] for k in ("margin", "interval")}
+        return warm, {**kept, "within_noise": True, "kept_warm_start": {"trial": leader, **lead}}
     return leader, noise
 
 
 def margin_text(noise: dict) -> str:
     """One sentence on how sure the choice is, for notes, the report and the CLI."""
-    if noise.get("kept_warm_start") is not None:
-        m, why = noise["warm_start"], "within the validation noise"
+    if noise.get("kept_warm_start"):
+        m, why = noise["kept_warm_start"], "within the validation noise"
         if noise.get("too_few_images"):
             why = f"only {noise['too_few_images']} validation images, too few to show the noise"
-        return (f"The warm start is handed over: trial {noise['kept_warm_start']} led it by "
+        return (f"The warm start is handed over: trial {m['trial']} led it by "
                 f"{m['margin']:+.4f} (95 % interval {m['interval'][0]:+.4f} to "
-                f"{m['interval'][1]:+.4f}), {why}; a lead the validation images cannot show is "
-                f"not taken (more validation images, or a larger val_fraction, let it be).")  # fmt: skip
+                f"{m['interval'][1]:+.4f}), {why}; a lead the validation images cannot "
+                f"show is not taken (more validation images, or a larger val_fraction, let it "
+                f"be).")  # fmt: skip
     parts = []
     for key, what in (("runner_up", "the runner-up"), ("warm_start", "the warm start")):
         if key in noise:

@@ -172,7 +172,7 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
     from segcore.device import pick_device
     from segsearch.final import export, final_fit
     from segsearch.launcher import device_kind
-    from segsearch.promote import budget_text, promote
+    from segsearch.promote import budget_text, margin_text, promote
     from segsearch.study import open_study
 
     space = open_study(name, url)[1]
@@ -184,6 +184,8 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
                   f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at "
                   f"{budget_text(space)}, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
     best = json.loads(export(name, url).read_text())
+    if space.finalists and margin_text(best["validation"]["noise"]):  # why this finalist
+        print(margin_text(best["validation"]["noise"]))
     cfg = best["config"]
     steps = (
         f"in about {cfg['seconds']:g} s" if cfg["seconds"] else f"of {cfg['steps_per_epoch']} steps"

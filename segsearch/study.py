@@ -125,10 +125,13 @@ def coverage_params(space: Space, first: dict[str, Any]) -> list[dict[str, Any]]
     if space.sampler["name"] != "tpe":
         return []
     startup = space.sampler.get("args", {}).get("n_startup_trials", 10)  # optuna's default
-    left = {name: [c for c in spec["choices"] if c != first.get(name)]
+    left = {name: [c for c in spec["choices"] if not (name in first and c == first[name])]
             for name, spec in space.search.items() if spec["type"] == "categorical"}  # fmt: skip
     count = min(max(map(len, left.values()), default=0), startup - (1 if first else 0))
-    return [{name: c[i] for name, c in left.items() if i < len(c)} for i in range(count)]
+    return [  # the j-th parameter's choices shifted by j: no two always together
+        {name: c[(i + j) % len(c)] for j, (name, c) in enumerate(left.items()) if i < len(c)}
+        for i in range(count)
+    ]
 
 
 def warm_start_params(space: Space) -> dict[str, Any]:

@@ -92,7 +92,9 @@ def test_after_the_promotion_a_lead_inside_the_noise_keeps_the_warm_start():
     mixed = scored({"0": [image(90, 10)] * 8, "1": [image(99, 1), image(82, 18)] * 4})
     assert mixed["1"]["miou"] > mixed["0"]["miou"]  # ahead, on half of the images
     number, noise = decide(mixed, 0, promoted=True)
-    assert number == 0 and noise["kept_warm_start"] == 1 and noise["warm_start"]["within_noise"]
+    assert number == 0 and noise["kept_warm_start"]["trial"] == 1 and noise["within_noise"]
+    assert noise["kept_warm_start"]["interval"][0] <= 0 <= noise["kept_warm_start"]["interval"][1]
+    assert noise["interval"] == choice_noise(mixed, 0, None)["interval"]  # the warm start's own
     text = margin_text(noise)
     assert text.startswith("The warm start is handed over: trial 1 led it by +0.0")
     assert "within the validation noise" in text and "val_fraction" in text
@@ -104,7 +106,7 @@ def test_after_the_promotion_a_lead_inside_the_noise_keeps_the_warm_start():
     study = study_with({0: 0.5, 1: 0.6}, 0)
     study.set_user_attr("promotion", few)
     trial, score, noise = winner(study)
-    assert trial.number == 0 and score == few["0"] and noise["kept_warm_start"] == 1
+    assert trial.number == 0 and score == few["0"] and noise["kept_warm_start"]["trial"] == 1
 
 
 @pytest.mark.parametrize(

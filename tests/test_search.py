@@ -199,6 +199,7 @@ def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_han
     other = next(n for n in promoted if n != number)
     assert noise["runner_up"]["trial"] == int(other)
     assert noise["runner_up"]["margin"] == pytest.approx(top["miou"] - promoted[other]["miou"])
+    assert f"Margin {noise['runner_up']['margin']:+.4f} over the runner-up" in out.stdout
     # best.pt is the winning finalist's model, scored once on the test images
     handed = torch.load(workdir / best["model"], weights_only=True)
     finalist = torch.load(reports / "finalists" / f"trial-{number}.pt", weights_only=True)

@@ -467,9 +467,10 @@ def test_warm_start_is_the_first_trial_and_tpe_samples_after_it(tmp_path, monkey
 
 
 def test_tpe_start_up_trials_try_every_categorical_choice(tmp_path, monkeypatch):
-    """After the warm start (patch 16), the start-up trials take the choices not yet tried (patch
-    32; width 4 then 8, the warm start taking 2), the sampler the rest; never more of them than
-    the start-up holds, and none for the random sampler."""
+    """After the warm start (patch 16, width 2), the start-up trials take the choices not yet
+    tried (patch 32 and width 8, then width 4: each parameter's choices shifted by its place, so
+    that no two always come together), the sampler the rest; never more of them than the
+    start-up holds, and none for the random sampler."""
     raw = json.loads(json.dumps(SPACE))
     raw["search"]["base_width"] = {"type": "categorical", "choices": [2, 4, 8]}
     raw["fixed"].pop("base_width")
@@ -477,20 +478,20 @@ def test_tpe_start_up_trials_try_every_categorical_choice(tmp_path, monkeypatch)
                          "warm_start": True, "n_trials": 4})  # fmt: skip
     run = Run(tmp_path, monkeypatch, raw=raw)
     assert coverage_params(run.space, {"patch_size": 16, "lr": 0.05, "base_width": 2}) == [
-        {"patch_size": 32, "base_width": 4},
-        {"base_width": 8},
+        {"patch_size": 32, "base_width": 8},
+        {"base_width": 4},
     ]
     warm, _ = run.trial()
     assert warm.params["patch_size"] == 16 and warm.params["base_width"] == 2  # 16 not offered
     tried = [run.trial()[0].params for _ in range(2)]
     assert [(t["patch_size"], t["base_width"]) for t in tried] == [
-        (32, 4),
-        (tried[1]["patch_size"], 8),
+        (32, 8),
+        (tried[1]["patch_size"], 4),
     ]
     assert set(tried[1]) == {"patch_size", "lr", "base_width"}  # the sampler's patch and lr
     raw["study"]["sampler"]["args"]["n_startup_trials"] = 2  # room for one after the warm start
     assert coverage_params(parse_space(raw, "s.yaml"), warm.params) == [
-        {"patch_size": 32, "base_width": 4}
+        {"patch_size": 32, "base_width": 8}
     ]
     raw["study"]["sampler"] = {"name": "random"}
     assert coverage_params(parse_space(raw, "s.yaml"), warm.params) == []
