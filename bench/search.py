@@ -9,7 +9,9 @@ epochs trained and the winner's test mIoU: the winner (best validation full-imag
 rescored top K) is trained once more (`--final-budget trial`: with its trial's own settings;
 `space`: with the space's final: section) on the study's split and scored on its test images;
 the same winning config is fitted once. Part 2 runs TPE and random sampling, rescoring every
-completed trial, so that the moment each sampler first finished a trial at a target is known.
+completed trial, so that the moment each sampler first finished a trial at a target is known
+(TPE's first trials try every categorical choice once, segsearch.study.coverage_params: part of
+what TPE is measured with).
 Part 3 (--precisions fp32 bf16) runs the space as it is (warm start and pruner included), on the
 first seed, once in each precision (TRAIN_OPTUNA_PRECISION), and prints trials and epochs per hour.
 Wall times are only comparable within one run.
