@@ -215,8 +215,10 @@ def print_final(name: str, url: str) -> None:
               f"full-image mIoU {v:.4f}); no final fit: run `final --study {name}`")  # fmt: skip
         return
     t = best["test"]
+    why = ("the warm start, kept: no lead over it was outside the validation noise"
+           if best["validation"]["noise"].get("kept_warm_start") else "which chose it")  # fmt: skip
     print(f"best model: {best['model']}: test mIoU {t['miou']:.4f} on {t['images']} test images "
-          f"(validation full-image mIoU {v:.4f}, which chose it); config "
+          f"(validation full-image mIoU {v:.4f}, {why}); config "
           f"{reports_dir(name)}/best.json")  # fmt: skip
 
 

@@ -229,6 +229,33 @@ def test_the_finalists_are_trained_at_the_final_budget_and_the_best_there_is_han
     assert json.loads((reports / "best.json").read_text())["trial"] == best["trial"]
 
 
+def test_a_lead_over_the_warm_start_too_few_images_can_show_keeps_the_warm_start(workdir):
+    """The data's 6 images leave fewer than 8 for validation: whatever a finalist's lead over the
+    warm start (here one of lr 1e-4, which barely trains), the warm start is handed over, and
+    the search says which trial led, by how much, and why it was not taken."""
+    space = tiny_space(3, 2, trials=4).replace("  top_k: 2\n", "  top_k: 2\n  finalists: 2\n")
+    space += "  warm_start: {patch_size: 16, depth: 1, lr: 1.0e-4, aug_strength: 0.0}\n"
+    space += "final: {epochs: 3, train_on: train}\n"
+    (workdir / "kept.yaml").write_text(space)
+    out = cli(workdir, "search", "--space", "kept.yaml", "--study", "kept", "--data", "d",
+              "--workers", 2, "--quiet")  # fmt: skip
+    reports = workdir / "reports" / "kept"
+    promoted = json.loads((reports / "promotion.json").read_text())
+    best = json.loads((reports / "best.json").read_text())
+    assert best["trial"] == 0 and best["validation"]["full_image_miou"] == promoted["0"]["miou"]
+    leader = max(promoted, key=lambda n: (promoted[n]["miou"], -int(n)))
+    if leader != "0":  # the usual case: a trained finalist led the untrained warm start
+        kept = best["validation"]["noise"]["kept_warm_start"]
+        margin = promoted[leader]["miou"] - promoted["0"]["miou"]
+        assert kept["trial"] == int(leader) and kept["margin"] == pytest.approx(margin)
+        assert (
+            f"The warm start is handed over: trial {leader} led it by {margin:+.4f}" in out.stdout
+        )
+        assert "validation images, too few to show the noise" in out.stdout
+        assert "(validation full-image mIoU" in out.stdout.splitlines()[-1]
+        assert "the warm start, kept" in out.stdout.splitlines()[-1]
+
+
 def test_budgets_in_seconds_become_the_steps_each_trial_and_best_pt_trained(workdir):
     """`seconds` in fixed and final: each trial records the steps its measured step time gave
     (and seconds 0), and best.json holds exactly the config best.pt trained, so that `train
