@@ -184,8 +184,9 @@ def hand_over(args, name: str, url: str, workers: tuple[int, list[int]]) -> None
                   f"interval {s['interval'][0]:.4f} to {s['interval'][1]:.4f}) at "
                   f"{budget_text(space)}, epoch {s['kept_epoch'] + 1} kept")  # fmt: skip
     best = json.loads(export(name, url).read_text())
-    if space.finalists and margin_text(best["validation"]["noise"]):  # why this finalist
-        print(margin_text(best["validation"]["noise"]))
+    why = margin_text(best["validation"]["noise"]) if space.finalists else ""
+    if why:  # how sure the choice among the finalists is
+        print(why)
     cfg = best["config"]
     steps = (
         f"in about {cfg['seconds']:g} s" if cfg["seconds"] else f"of {cfg['steps_per_epoch']} steps"
